@@ -1,0 +1,296 @@
+"""MetaSGD inner loop and the guarded outer loop (DESIGN §2, §8).
+
+The inner loop is batched over items: one ``autograd.grad`` of the summed per-item
+losses gives every item its own gradient, because items share no per-item state.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .methods import Coin, Representation
+from .signals import Signal, full_batches, sample_points
+
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def masked_mse(pred: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Per-item mean squared error over valid points, shape ``(B,)``."""
+    sq = ((pred - targets) ** 2).mean(dim=-1)
+    return (sq * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+@dataclass
+class Objective:
+    """What the plugin contributes to optimisation: prediction transform and loss."""
+
+    loss: LossFn = masked_mse
+    transform: Callable[[Tensor], Tensor] = lambda raw: raw
+
+
+def _loss(rep, state, ctx, coords, targets, weights, objective) -> Tensor:
+    return objective.loss(objective.transform(rep.predict(state, ctx, coords)), targets, weights)
+
+
+def adapt(rep: Representation, coords: Tensor, targets: Tensor, weights: Tensor | None = None,
+          *, objective: Objective | None = None, steps: int | None = None,
+          training: bool = False, first_order: bool = False,
+          checkpoint_steps: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Fit per-item states to a batch; differentiable w.r.t. the meta-parameters if training."""
+    objective = objective or Objective()
+    if weights is None:
+        weights = torch.ones(coords.shape[:2], dtype=coords.dtype, device=coords.device)
+    batch = coords.shape[0]
+    if isinstance(rep, Coin):
+        return fit_from_scratch(rep, coords, targets, weights, objective, steps), {}
+    steps = rep.cfg.inner_steps if steps is None else steps
+    ctx = rep.context(batch, training)
+    state = rep.init_state(batch)
+    names = list(state)
+    create_graph = training and not first_order
+
+    def step(*tensors: Tensor) -> tuple[Tensor, ...]:
+        st = dict(zip(names, tensors, strict=True))
+        loss = _loss(rep, st, ctx, coords, targets, weights, objective).sum()
+        grads = torch.autograd.grad(loss, tensors, create_graph=create_graph)
+        rates = rep.inner_rates(ctx)
+        return tuple(t - rates[n] * g for n, t, g in zip(names, tensors, grads, strict=True))
+
+    with torch.enable_grad():
+        tensors = tuple(state[n] for n in names)
+        for _ in range(steps):
+            if checkpoint_steps and training:
+                tensors = checkpoint(step, *tensors, use_reentrant=False)
+            else:
+                tensors = step(*tensors)
+            if not training:
+                tensors = tuple(t.detach().requires_grad_(True) for t in tensors)
+    return dict(zip(names, tensors, strict=True)), ctx
+
+
+def fit_from_scratch(rep: Coin, coords: Tensor, targets: Tensor, weights: Tensor,
+                     objective: Objective, steps: int | None = None,
+                     callback: Callable[[int, dict], bool] | None = None) -> dict[str, Tensor]:
+    """COIN-style fitting: Adam on a fresh network per item (batched, no item loop).
+
+    ``callback(step, state)`` may return True to stop early (e.g. a target PSNR reached).
+    """
+    steps = rep.cfg.coin_steps if steps is None else steps
+    state = rep.init_state(coords.shape[0])
+    names = list(state)
+    m1 = {n: torch.zeros_like(v) for n, v in state.items()}
+    m2 = {n: torch.zeros_like(v) for n, v in state.items()}
+    b1, b2, eps, lr = 0.9, 0.999, 1e-8, rep.cfg.coin_lr
+    with torch.enable_grad():
+        for t in range(1, steps + 1):
+            loss = _loss(rep, state, {}, coords, targets, weights, objective).sum()
+            grads = torch.autograd.grad(loss, [state[n] for n in names])
+            with torch.no_grad():
+                for n, g in zip(names, grads, strict=True):
+                    m1[n].mul_(b1).add_(g, alpha=1 - b1)
+                    m2[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+                    step = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+                    state[n].sub_(step * m1[n] / (m2[n].sqrt() + eps))
+            if callback is not None and callback(t, state):
+                break
+    return {n: v.detach() for n, v in state.items()}
+
+
+@dataclass
+class TrainConfig:
+    """Outer loop; defaults follow the paper (Adam 3e-6) with the guards of DESIGN §8."""
+
+    outer_steps: int = 1000
+    outer_lr: float = 3e-6
+    batch_size: int = 32
+    points_per_item: int = 4096
+    first_order: bool = False
+    checkpoint_steps: bool = False  # per-step gradient checkpointing (less memory)
+    grad_clip: float = 1.0  # global gradient-norm clip
+    ema_decay: float | None = None  # EMA of meta-parameters, used for validation and saving
+    val_every: int = 50
+    val_points: int = 4096
+    divergence_factor: float = 2.0  # val loss above factor × best → roll back, halve the rate
+    max_rollbacks: int = 6
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    log_path: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    best_val_loss: float
+    best_step: int
+    steps_run: int
+    rollbacks: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def evaluate_loss(rep: Representation, signals: Sequence[Signal], objective: Objective,
+                  n_points: int | None = None, seed: int = 0, max_batch: int = 16,
+                  device: str = "cpu") -> float:
+    """Mean post-adaptation loss over items (fixed points, so runs are comparable)."""
+    losses = []
+    if n_points is None:
+        batches = ((c, t, w) for _, c, t, w in full_batches(signals, max_batch))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        batches = (sample_points(signals[i:i + max_batch], n_points, g)
+                   for i in range(0, len(signals), max_batch))
+    for c, t, w in batches:
+        c, t, w = c.to(device), t.to(device), w.to(device)
+        state, ctx = adapt(rep, c, t, w, objective=objective)
+        with torch.no_grad():
+            losses.append(_loss(rep, state, ctx, c, t, w, objective))
+    return float(torch.cat(losses).mean())
+
+
+class _Ema:
+    def __init__(self, rep: Representation, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in rep.state_dict().items()}
+
+    def update(self, rep: Representation) -> None:
+        with torch.no_grad():
+            for k, v in rep.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.shadow[k].mul_(self.decay).add_(v, alpha=1 - self.decay)
+                else:
+                    self.shadow[k].copy_(v)
+
+
+def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signal],
+               cfg: TrainConfig, objective: Objective | None = None,
+               on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Meta-learn θ0, gates and rates; keeps the best validation state, rolls back on divergence."""
+    objective = objective or Objective()
+    if not train:
+        raise ValueError("meta_train needs at least one training signal")
+    val = list(val) or list(train[: max(1, len(train) // 8)])
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    rep.to(device)
+    log_file = None
+    if cfg.log_path:
+        Path(cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(cfg.log_path, "a")  # noqa: SIM115 - closed in finally
+
+    def log(record: dict) -> None:
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if on_log:
+            on_log(record)
+
+    t0 = time.perf_counter()
+    if not rep.meta_learned:  # COIN has nothing to meta-learn
+        val_loss = evaluate_loss(rep, val, objective, cfg.val_points, device=str(device))
+        return TrainResult(val_loss, 0, 0, 0, time.perf_counter() - t0)
+
+    params = [p for p in rep.parameters() if p.requires_grad]
+    lr = cfg.outer_lr
+    opt = torch.optim.Adam(params, lr=lr)
+    ema = _Ema(rep, cfg.ema_decay) if cfg.ema_decay else None
+
+    def val_loss_now() -> float:
+        if ema is None:
+            return evaluate_loss(rep, val, objective, cfg.val_points, device=str(device))
+        live = copy.deepcopy(rep.state_dict())
+        rep.load_state_dict(ema.shadow)
+        try:
+            return evaluate_loss(rep, val, objective, cfg.val_points, device=str(device))
+        finally:
+            rep.load_state_dict(live)
+
+    best = {"loss": val_loss_now(), "step": 0,
+            "state": copy.deepcopy(ema.shadow if ema else rep.state_dict()),
+            "live": copy.deepcopy(rep.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+    log({"step": 0, "val_loss": best["loss"], "lr": lr})
+    rollbacks, history = 0, []
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.outer_steps, desc=f"meta-train {rep.name}", unit="step")
+
+    def rollback(reason: str, step: int) -> None:
+        nonlocal lr, rollbacks, opt
+        rollbacks += 1
+        lr *= 0.5
+        rep.load_state_dict(best["live"])
+        opt = torch.optim.Adam(params, lr=lr)
+        if ema:
+            ema.shadow = copy.deepcopy(best["state"])
+        log({"step": step, "event": "rollback", "reason": reason, "new_lr": lr})
+        if rollbacks > cfg.max_rollbacks:
+            raise RuntimeError(f"meta-training diverged {rollbacks} times ({reason}); "
+                               f"last rate {lr:g}. Lower --outer-lr.")
+
+    step = 0
+    try:
+        for step in range(1, cfg.outer_steps + 1):
+            idx = torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=gen)
+            c, t, w = sample_points([train[i] for i in idx], cfg.points_per_item, gen)
+            c, t, w = c.to(device), t.to(device), w.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                state, ctx = adapt(rep, c, t, w, objective=objective, training=True,
+                                   first_order=cfg.first_order,
+                                   checkpoint_steps=cfg.checkpoint_steps)
+                loss = _loss(rep, state, ctx, c, t, w, objective).float().mean()
+                total = loss + rep.regularizer()
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            if not (math.isfinite(float(total)) and math.isfinite(gnorm)):
+                rollback("non-finite loss or gradient", step)
+                continue
+            opt.step()
+            if ema:
+                ema.update(rep)
+            note = rep.after_outer_step(step)
+            record = {"step": step, "loss": float(loss), "psnr": -10 * math.log10(
+                max(float(loss), 1e-12)), "grad_norm": gnorm, "lr": lr}
+            if note:
+                record["event"] = note
+                # Pruning changes the model: the old best no longer describes it.
+                best["loss"] = math.inf
+            if step % cfg.val_every == 0 or step == cfg.outer_steps:
+                vl = val_loss_now()
+                record["val_loss"] = vl
+                if not math.isfinite(vl) or vl > cfg.divergence_factor * best["loss"]:
+                    rollback(f"validation loss {vl:.4g} vs best {best['loss']:.4g}", step)
+                elif vl < best["loss"]:
+                    best.update(loss=vl, step=step,
+                                state=copy.deepcopy(ema.shadow if ema else rep.state_dict()),
+                                live=copy.deepcopy(rep.state_dict()),
+                                opt=copy.deepcopy(opt.state_dict()))
+            history.append(record)
+            log(record)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.2e}", best_val=f"{best['loss']:.2e}")
+    finally:
+        if bar:
+            bar.close()
+        if log_file:
+            log_file.close()
+    rep.load_state_dict(best["state"])  # keep-best
+    return TrainResult(best["loss"], best["step"], step, rollbacks,
+                       time.perf_counter() - t0, history)
+
+
+def train_config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
