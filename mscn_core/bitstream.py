@@ -30,7 +30,9 @@ bit rot, wrong file), not an adversary: CRC-32 detects every error burst of ≤ 
 checkpoint itself is identified by its full sha256 in the header.
 
 Reading order: magic -> version -> header_len bound -> checksum -> (only now) JSON ->
-field validation -> payload lengths -> expected checkpoint. Nothing is allocated from an
+field validation -> payload lengths -> expected checkpoint. After a checksum failure only, the
+(unverified) header is peeked at to tell "truncated: expected X bytes, got Y" apart from
+"checksum mismatch"; nothing from it is trusted or returned. Nothing is allocated from an
 unverified length: lengths are compared with ``len(data)`` before slicing, and slicing
 only copies bytes that exist.
 """
@@ -200,12 +202,12 @@ def read_bitstream(data: bytes, *, expected_checkpoint_hash: str | None = None) 
     if buf[:4] != MAGIC:
         if n < 4 and MAGIC.startswith(buf):
             raise BitstreamError(
-                f"truncated: expected {PREFIX_LEN + 2 + CHECKSUM_LEN} bytes, got {n}"
+                f"truncated: expected at least {PREFIX_LEN + 2 + CHECKSUM_LEN} bytes, got {n}"
             )
         raise BitstreamError("not an .mscn file (bad magic)")
     min_len = PREFIX_LEN + 2 + CHECKSUM_LEN  # shortest possible header JSON is "{}"
     if n < PREFIX_LEN:
-        raise BitstreamError(f"truncated: expected {min_len} bytes, got {n}")
+        raise BitstreamError(f"truncated: expected at least {min_len} bytes, got {n}")
     _, version, header_len = _PREFIX.unpack_from(buf, 0)
     # 2. version (before the checksum: another version may checksum differently)
     if version != FORMAT_VERSION:
@@ -215,7 +217,7 @@ def read_bitstream(data: bytes, *, expected_checkpoint_hash: str | None = None) 
     # 3. bound header_len by the data actually present (no allocation from it)
     need = PREFIX_LEN + header_len + CHECKSUM_LEN
     if n < need:
-        raise BitstreamError(f"truncated: expected {need} bytes, got {n}")
+        raise BitstreamError(f"truncated: expected at least {need} bytes, got {n}")
     # 4. checksum over everything before it, before looking at the JSON
     body, stored = buf[:-CHECKSUM_LEN], buf[-CHECKSUM_LEN:]
     if _crc(body) != stored:

@@ -49,6 +49,10 @@ class Modality:
     def to_signal(self, item: Any, resolution: Any = None) -> Signal:
         raise NotImplementedError
 
+    def item_template(self, item: Any) -> dict:
+        """JSON the decoder needs besides ``Signal.meta`` to rebuild the artifact."""
+        return {}
+
     def objective(self) -> Objective:
         return Objective()
 

@@ -1,0 +1,134 @@
+"""Rebuild the small real-data subsets vendored in ``datasets/data/``.
+
+Run from the repository root (needs the shared data folder ``../shared/data/climate``
+or ``--src DIR``)::
+
+    python -m mscn_datasets.make_vendored
+
+Why vendored subsets: tests and the demo must run on a fresh clone without the shared
+folder.  Every value is real data (subset, cast to float32, or block-averaged); see
+``datasets/data/README.md`` for provenance and licences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from mscn_datasets.climate import open_climate
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "climate"
+
+ERA5_OUT = "era5_t_z_3deg_2017-01-01_float32.nc"
+COADS_OUT = "coads_sst_airt_2deg_jan-mar.nc"
+ETOPO_OUT = "etopo_relief_2deg_blockmean.nc"
+
+MAX_BYTES = {ERA5_OUT: 3_000_000, COADS_OUT: 500_000, ETOPO_OUT: 500_000}
+
+
+def _note(ds: xr.Dataset, text: str) -> None:
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
+    old = ds.attrs.get("history")
+    line = f"{stamp} mscn_datasets.make_vendored: {text}"
+    ds.attrs["history"] = f"{line}\n{old}" if old else line
+
+
+def _encoding(ds: xr.Dataset, data_vars: list[str], fill: Any = "keep") -> dict[str, dict]:
+    enc: dict[str, dict] = {}
+    for name in data_vars:
+        e: dict[str, Any] = {"dtype": "float32", "zlib": True, "complevel": 9, "shuffle": True}
+        src = ds[name].encoding
+        if fill == "keep" and "_FillValue" in src:
+            e["_FillValue"] = np.float32(src["_FillValue"])
+            if "missing_value" in src:
+                e["missing_value"] = np.float32(src["missing_value"])
+        else:
+            e["_FillValue"] = None
+        enc[name] = e
+    for name, coord in ds.coords.items():
+        e = {"_FillValue": None}
+        if coord.dtype.kind == "M":
+            for k in ("units", "calendar", "dtype"):
+                if k in coord.encoding:
+                    e[k] = coord.encoding[k]
+        else:
+            e["dtype"] = coord.dtype
+        enc[str(name)] = e
+    return enc
+
+
+def _write(ds: xr.Dataset, out: Path, encoding: dict[str, dict]) -> int:
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    size = out.stat().st_size
+    limit = MAX_BYTES[out.name]
+    if size > limit:
+        raise SystemExit(f"{out.name} is {size} bytes, over the {limit} byte budget")
+    return size
+
+
+def make_era5(src: Path, dst: Path) -> int:
+    """ERA5 t and z, all 10 members x 4 times x 2 levels, float32 zlib-9 (~2 MB)."""
+    ds = open_climate(src / "era5_t_z_3deg_2017-01-01.nc")
+    sub = ds[["t", "z"]].load()
+    # float64 in the source (t also carries a stray scale_factor=0.1); store float32.
+    for v in ("t", "z"):
+        sub[v] = sub[v].astype(np.float32)
+        sub[v].attrs = dict(ds[v].attrs)
+    _note(sub, "subset of era5_t_z_3deg_2017-01-01.nc (cfgrib 0.9.15.1 sample): "
+               "variables t, z; all members/times/levels; cast to float32")
+    enc = _encoding(sub, ["t", "z"], fill=None)
+    return _write(sub, dst / ERA5_OUT, enc)
+
+
+def make_coads(src: Path, dst: Path) -> int:
+    """COADS climatology SST and AIRT, first 3 months (Jan-Mar), land left masked."""
+    ds = open_climate(src / "coads_climatology_2deg.nc")
+    sub = ds[["SST", "AIRT"]].isel(TIME=slice(0, 3)).load()
+    _note(sub, "subset of coads_climatology.cdf (ferret-datasets 7.6.0): "
+               "variables SST, AIRT; TIME indices 0-2 (Jan-Mar)")
+    return _write(sub, dst / COADS_OUT, _encoding(sub, ["SST", "AIRT"]))
+
+
+def make_etopo(src: Path, dst: Path) -> int:
+    """ETOPO60 relief block-averaged 2x2 (1 deg -> 2 deg), original coordinate names."""
+    ds = open_climate(src / "etopo60_relief_1deg.nc")
+    sub = ds[["ROSE"]].load().coarsen(ETOPO60Y=2, ETOPO60X=2).mean(keep_attrs=True)
+    for c in ("ETOPO60Y", "ETOPO60X"):
+        sub[c].attrs = dict(ds[c].attrs)
+    sub["ROSE"].encoding = dict(ds["ROSE"].encoding)
+    sub.attrs = dict(ds.attrs)
+    _note(sub, "etopo60.cdf (ferret-datasets 7.6.0) block-mean over 2x2 cells, 1 deg -> 2 deg")
+    return _write(sub, dst / ETOPO_OUT, _encoding(sub, ["ROSE"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", type=Path, default=DEFAULT_SRC, help="shared climate folder")
+    ap.add_argument("--dst", type=Path, default=DATA_DIR, help="output folder")
+    args = ap.parse_args(argv)
+    if not args.src.is_dir():
+        raise SystemExit(f"source folder {args.src} not found (use --src)")
+    args.dst.mkdir(parents=True, exist_ok=True)
+    for fn in (make_era5, make_coads, make_etopo):
+        size = fn(args.src, args.dst)
+        print(f"{fn.__name__}: {size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

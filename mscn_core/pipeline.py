@@ -1,0 +1,185 @@
+"""File → signal → modulations → bytes, and back: the core's end-to-end operations.
+
+Everything here talks to a modality only through the plugin contract, so the same
+functions serve climate fields, shapes and scenes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import bitstream as bs
+from .checkpoint import Checkpoint
+from .entropy import CategoricalModel, decode_symbols, encode_symbols, fit_categorical
+from .meta import TrainConfig, adapt, meta_train
+from .methods import MethodConfig, build_representation
+from .quantize import QuantizerStats, UniformQuantizer, fit_stats
+from .registry import get_modality
+from .signals import Signal, full_batches
+from .siren import SirenConfig
+
+BIT_DEPTHS = tuple(range(2, 9))
+CLIP_SIGMA = 3.0
+
+
+def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[Any],
+                     siren: SirenConfig, method: MethodConfig, train: TrainConfig,
+                     info: dict | None = None) -> Checkpoint:
+    """Meta-train on items of a modality and fit the codec: a ready-to-use checkpoint."""
+    modality.fit_state(list(train_items) + list(val_items))
+    tr = [modality.to_signal(i) for i in train_items]
+    va = [modality.to_signal(i) for i in val_items]
+    siren.in_dim, siren.out_dim = modality.in_dim, modality.out_dim
+    rep = build_representation(siren, method, torch.Generator().manual_seed(train.seed))
+    result = meta_train(rep, tr, va, train, modality.objective())
+    rep.eval()
+    summary = {k: v for k, v in asdict(result).items() if k != "history"}
+    ck = Checkpoint(rep, modality.name, modality.state(),
+                    info={"train": summary, "train_config": asdict(train),
+                          "n_train": len(tr), "n_val": len(va), **(info or {})})
+    if rep.meta_learned:
+        fit_codec(ck, modality, tr)
+    return ck
+
+
+def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int | None = None,
+                max_batch: int = 16) -> Tensor:
+    """The transmitted values (B, code_size) for each signal after the inner loop."""
+    out: list[Tensor | None] = [None] * len(signals)
+    for idx, c, t, w in full_batches(signals, max_batch):
+        state, _ = adapt(ck.rep, c, t, w, objective=modality.objective(), steps=steps)
+        with torch.no_grad():
+            codes = ck.rep.code_values({k: v.detach() for k, v in state.items()})
+        for j, i in enumerate(idx):
+            out[i] = codes[j]
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def predictor(ck: Checkpoint, modality, code: Tensor, chunk: int = 65536):
+    """A ``PredictFn`` for one item from its transmitted values."""
+    state = ck.rep.state_from_code(code.reshape(1, -1))
+    ctx = ck.rep.context(1, training=False)
+    transform = modality.objective().transform
+
+    def predict(coords: Tensor) -> Tensor:
+        with torch.no_grad():
+            parts = [transform(ck.rep.predict(state, ctx, coords[i:i + chunk][None]))[0]
+                     for i in range(0, coords.shape[0], chunk)]
+        return torch.cat(parts)
+
+    return predict
+
+
+# -- the codec: quantiser statistics and entropy models fitted on the training set ------
+def fit_codec(ck: Checkpoint, modality, train_signals: Sequence[Signal],
+              bit_depths: Sequence[int] = BIT_DEPTHS, clip_sigma: float = CLIP_SIGMA) -> None:
+    codes = adapt_codes(ck, modality, train_signals).double().numpy()
+    stats = fit_stats(codes)
+    arrays = {f"quant.{k}": torch.from_numpy(v) for k, v in stats.to_arrays().items()}
+    for b in bit_depths:
+        q = UniformQuantizer(b, clip_sigma, stats)
+        model = fit_categorical(q.quantize(codes), q.n_symbols)
+        arrays.update({f"bits{b}.{k}": torch.from_numpy(np.asarray(v))
+                       for k, v in model.to_arrays().items()})
+    ck.codec = arrays
+    ck.info["codec"] = {"clip_sigma": clip_sigma, "bit_depths": list(bit_depths),
+                        "fitted_on_items": len(train_signals)}
+
+
+def quantizer(ck: Checkpoint, bits: int) -> tuple[UniformQuantizer, CategoricalModel]:
+    if "quant.mean" not in ck.codec:
+        raise ValueError("this checkpoint has no codec statistics (method without a "
+                         "meta-learned code?); it cannot encode")
+    depths = ck.info.get("codec", {}).get("bit_depths", [])
+    if bits not in depths:
+        raise ValueError(f"--bits {bits} not available; this checkpoint has entropy models for "
+                         f"{depths}")
+    arrays = {k: v.numpy() for k, v in ck.codec.items()}
+    stats = QuantizerStats.from_arrays(arrays, "quant.")
+    model = CategoricalModel.from_arrays(arrays, f"bits{bits}.")
+    return UniformQuantizer(bits, ck.info["codec"]["clip_sigma"], stats), model
+
+
+def quantize_codes(ck: Checkpoint, codes: Tensor, bits: int) -> tuple[np.ndarray, Tensor]:
+    """Symbols and the values the decoder will see (what `fit --bits` reconstructs from)."""
+    q, _ = quantizer(ck, bits)
+    symbols = q.quantize(codes.double().numpy())
+    return symbols, torch.from_numpy(q.dequantize(symbols)).float()
+
+
+@dataclass
+class EncodeReport:
+    n_bytes: int
+    payload_bytes: int
+    n_values: int
+    bits_per_value: float
+    payload_bits_per_value: float
+    metrics: list[dict]
+
+
+def _pack(obj: Any) -> str:
+    return base64.b64encode(zlib.compress(json.dumps(obj).encode(), 9)).decode()
+
+
+def _unpack(text: str) -> Any:
+    try:
+        return json.loads(zlib.decompress(base64.b64decode(text)))
+    except (ValueError, zlib.error) as err:
+        raise bs.BitstreamError(f"item metadata is corrupted: {err}") from err
+
+
+def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
+                 with_metrics: bool = True) -> tuple[bytes, EncodeReport]:
+    """Adapt, quantise and entropy-code items into one .mscn stream."""
+    if modality.name != ck.modality:
+        raise ValueError(f"checkpoint is for modality {ck.modality!r}, not {modality.name!r}")
+    signals = [modality.to_signal(i) for i in items]
+    codes = adapt_codes(ck, modality, signals)
+    symbols, dequant = quantize_codes(ck, codes, bits)
+    _, model = quantizer(ck, bits)
+    payloads = [encode_symbols(s, model) for s in symbols]
+    templates = [modality.item_template(i) for i in items]
+    metas = [dict(s.meta) for s in signals]
+    data = bs.write_bitstream(checkpoint_hash=ck.sha256, modality=modality.name, bits=bits,
+                              items_meta=[{}] * len(items), payloads=payloads,
+                              extra={"items": _pack({"meta": metas, "template": templates})})
+    metrics = []
+    if with_metrics:
+        for s, code in zip(signals, dequant, strict=True):
+            metrics.append(modality.metrics(s, predictor(ck, modality, code)(s.coords)))
+    n_values = sum(s.n_values for s in signals)
+    payload = sum(len(p) for p in payloads)
+    return data, EncodeReport(len(data), payload, n_values, 8 * len(data) / n_values,
+                              8 * payload / n_values, metrics)
+
+
+def decode_stream(data: bytes, ck: Checkpoint, resolution: Any = None
+                  ) -> tuple[Any, list[Any], bs.Bitstream]:
+    """Bytes → artifacts, rebuilt by the plugin named in the stream."""
+    stream = bs.read_bitstream(data, expected_checkpoint_hash=ck.sha256)
+    modality = get_modality(stream.modality)
+    modality.load_state(ck.modality_state)
+    packed = _unpack(stream.extra.get("items", ""))
+    q, model = quantizer(ck, stream.bits)
+    n_code = ck.rep.code_size()
+    artifacts = []
+    for i, payload in enumerate(stream.payloads):
+        symbols = decode_symbols(payload, n_code, model)
+        code = torch.from_numpy(q.dequantize(symbols[None])).float()[0]
+        meta = dict(packed["meta"][i], template=packed["template"][i])
+        artifacts.append(modality.reconstruct(meta, predictor(ck, modality, code), resolution))
+    return modality, artifacts, stream
+
+
+def psnr(mse: float) -> float:
+    return -10 * math.log10(max(mse, 1e-20))

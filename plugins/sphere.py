@@ -1,0 +1,216 @@
+"""Climate fields on the sphere: lat/lon NetCDF in, NetCDF and globe out.
+
+Points are (cos φ cos λ, cos φ sin λ, sin φ) so the network sees no seam at the date
+line and no pole singularity. Values are scaled to [0, 1] per variable with ranges
+fitted on the training set (kept in the checkpoint, so they cost no bits); a variable
+the checkpoint has never seen is scaled by its own field range, carried in the item.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mscn_core.modality import Modality, PredictFn
+from mscn_core.signals import Signal
+
+try:  # the climate extra; without it the plugin reports a clear error when loaded
+    import xarray as xr
+    from mscn_datasets import climate
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(f"the sphere modality needs the climate extra "
+                      f"(pip install 'mscn[climate]'): {err}") from err
+
+
+def sphere_coords(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+    """Unit-sphere points ``(nlat*nlon, 3)`` for a lat-major grid."""
+    phi = np.deg2rad(np.asarray(lat_deg, dtype=np.float64))[:, None]
+    lam = np.deg2rad(np.asarray(lon_deg, dtype=np.float64))[None, :]
+    xyz = np.stack(np.broadcast_arrays(np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam),
+                                       np.sin(phi) + 0 * lam), axis=-1)
+    return xyz.reshape(-1, 3)
+
+
+def pack_mask(mask: np.ndarray) -> str:
+    """A boolean grid as compact text (zlib of packed bits) for item metadata."""
+    return base64.b64encode(zlib.compress(np.packbits(mask.reshape(-1)).tobytes(), 9)).decode()
+
+
+def unpack_mask(text: str, shape: Sequence[int]) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(text)), np.uint8))
+    return bits[: int(np.prod(shape))].reshape(shape).astype(bool)
+
+
+def nearest_mask(mask: np.ndarray, meta: dict, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Mask on the native normalised grid, carried to another global grid by nearest cell."""
+    nlat, nlon = mask.shape
+    lat0, lat1 = meta["lat"]
+    if (len(lat), len(lon)) == (nlat, nlon) and np.isclose(lat[0], lat0):
+        return mask
+    i = np.rint((np.asarray(lat) - lat0) / (lat1 - lat0) * (nlat - 1))
+    j = np.rint(np.mod(np.asarray(lon) - meta["lon_first"], 360.0) / (360.0 / nlon))
+    return mask[np.ix_(np.clip(i, 0, nlat - 1).astype(int), j.astype(int) % nlon)]
+
+
+def variable_key(field: xr.DataArray) -> str:
+    return f"{field.name}[{field.attrs.get('units', '')}]"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def field_template(field: xr.DataArray) -> dict:
+    """JSON description of a 2-D field without its values: enough to rebuild the artifact.
+
+    Coordinates go through xarray's CF encoder so times become numbers with units.
+    """
+    ds = field.to_dataset(name=str(field.name))
+    ds = ds.drop_vars(str(field.name)).assign_coords()
+    variables, _ = xr.conventions.cf_encoder(dict(ds.variables), {})
+    coords = {str(k): {"dims": list(v.dims), "data": _jsonable(np.asarray(v.values)),
+                       "dtype": str(v.dtype),
+                       "attrs": {a: _jsonable(b) for a, b in v.attrs.items()}}
+              for k, v in variables.items()}
+    return {"name": str(field.name), "dims": list(field.dims), "dtype": str(field.dtype),
+            "attrs": {a: _jsonable(b) for a, b in field.attrs.items()}, "coords": coords}
+
+
+def template_field(tmpl: dict) -> xr.DataArray:
+    """Inverse of :func:`field_template`: a NaN-filled DataArray with the same metadata."""
+    variables = {k: xr.Variable(c["dims"], np.asarray(c["data"], dtype=c["dtype"]), c["attrs"])
+                 for k, c in tmpl["coords"].items()}
+    decoded = xr.decode_cf(xr.Dataset(coords=variables))
+    shape = tuple(decoded.sizes[d] for d in tmpl["dims"])
+    return xr.DataArray(np.full(shape, np.nan, dtype=tmpl["dtype"]), dims=tmpl["dims"],
+                        coords=decoded.coords, name=tmpl["name"], attrs=tmpl["attrs"])
+
+
+class SphereModality(Modality):
+    name = "sphere"
+    description = "global lat/lon climate fields (NetCDF/zarr) on the unit sphere"
+    in_dim = 3
+    out_dim = 1
+    file_extensions = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".zarr")
+
+    def __init__(self) -> None:
+        self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
+
+    # -- reading ----------------------------------------------------------------------
+    def read(self, path: str | os.PathLike, var: str | None = None,
+             sel: dict | Sequence[str] | None = None, **_: Any) -> list[xr.DataArray]:
+        if sel is not None and not isinstance(sel, dict):
+            sel = climate.parse_sel(list(sel))
+        return climate.field_items([path], var=var, sel=sel)
+
+    # -- training-set state -----------------------------------------------------------
+    def fit_state(self, items: Sequence[xr.DataArray]) -> None:
+        ranges: dict[str, list[float]] = {}
+        for f in items:
+            v = np.asarray(f.values, dtype=np.float64)
+            lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
+            k = variable_key(f)
+            old = ranges.get(k, [lo, hi])
+            ranges[k] = [min(old[0], lo), max(old[1], hi)]
+        self.scaling = {k: [lo, hi if hi > lo else lo + 1.0] for k, (lo, hi) in ranges.items()}
+
+    def state(self) -> dict:
+        return {"scaling": self.scaling}
+
+    def load_state(self, state: dict) -> None:
+        self.scaling = {k: list(v) for k, v in state.get("scaling", {}).items()}
+
+    def scale_for(self, field: xr.DataArray) -> tuple[float, float, str]:
+        k = variable_key(field)
+        if k in self.scaling:
+            lo, hi = self.scaling[k]
+            return lo, hi, "training-set range of " + k
+        v = np.asarray(field.values, dtype=np.float64)
+        lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
+        return lo, (hi if hi > lo else lo + 1.0), "own field range (variable not in checkpoint)"
+
+    # -- signals ----------------------------------------------------------------------
+    def to_signal(self, item: xr.DataArray, resolution: Any = None) -> Signal:
+        values, lat, lon, _ = climate.normalize_field(item)
+        lo, hi, how = self.scale_for(item)
+        finite = np.isfinite(values).reshape(-1)
+        scaled = ((np.nan_to_num(values, nan=lo) - lo) / (hi - lo)).reshape(-1, 1)
+        meta = {"variable": str(item.name), "units": str(item.attrs.get("units", "")),
+                "scale": [lo, hi], "scaling": how, "shape": list(values.shape),
+                "lat": [float(lat[0]), float(lat[-1])], "lon_first": float(lon[0]),
+                "n_masked": int((~finite).sum())}
+        if not finite.all():
+            meta["nan_mask"] = pack_mask(~finite.reshape(values.shape))
+        return Signal(torch.from_numpy(sphere_coords(lat, lon)).float(),
+                      torch.from_numpy(scaled).float(),
+                      None if finite.all() else torch.from_numpy(finite), meta)
+
+    def item_template(self, item: xr.DataArray) -> dict:
+        return field_template(item)
+
+    def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
+        lo, hi = signal.meta["scale"]
+        p = pred.detach().reshape(-1).double()
+        t = signal.targets.reshape(-1).double()
+        valid = signal.mask.reshape(-1) if signal.mask is not None else torch.ones_like(t).bool()
+        err = (p - t)[valid]
+        mse01 = float((err**2).mean())
+        phi = torch.asin(signal.coords[:, 2].double().clamp(-1, 1))[valid]
+        w = torch.cos(phi).clamp_min(0)
+        span = hi - lo
+        return {"psnr_db": -10 * math.log10(max(mse01, 1e-20)),
+                "rmse": math.sqrt(mse01) * span,
+                "mae": float(err.abs().mean()) * span,
+                "rmse_area_weighted": math.sqrt(float((w * err**2).sum() / w.sum())) * span,
+                "scale_min": lo, "scale_max": hi}
+
+    # -- artifacts --------------------------------------------------------------------
+    def reconstruct(self, meta: dict, predict: PredictFn, resolution: Any = None,
+                    template: xr.DataArray | None = None) -> xr.DataArray:
+        """The field as a DataArray; ``resolution`` in degrees gives a new global grid."""
+        if template is None:
+            template = template_field(meta["template"])
+        lo, hi = meta["scale"]
+        if resolution is None:
+            _, lat, lon, _ = climate.normalize_field(template.fillna(0))
+        else:
+            lat, lon = climate.regular_latlon(float(resolution))
+        pts = torch.from_numpy(sphere_coords(lat, lon)).float()
+        with torch.no_grad():
+            pred = predict(pts).reshape(len(lat), len(lon)).double().numpy()
+        values = lo + pred * (hi - lo)
+        if "nan_mask" in meta:  # cells that were NaN in the input are NaN again
+            mask = unpack_mask(meta["nan_mask"], meta["shape"])
+            values[nearest_mask(mask, meta, lat, lon)] = np.nan
+        if resolution is None:
+            out = climate.restore_layout(values, template)
+        else:
+            out = climate.field_to_dataarray(values, lat, lon, template)
+        out.attrs = dict(template.attrs)
+        out.attrs["mscn_reconstruction"] = "decoded from sparse modulations of a meta-learned SIREN"
+        return out
+
+    def save(self, artifact: xr.DataArray | list[xr.DataArray], path: str | os.PathLike,
+             overwrite: bool = False) -> None:
+        obj = climate.stack_fields(artifact) if isinstance(artifact, list) else artifact
+        climate.write_netcdf(obj, path, overwrite=overwrite)
+
+    def view(self, truth: xr.DataArray, recon: xr.DataArray, path: str | os.PathLike,
+             stats: dict) -> Any:
+        from mscn_viewers.globe import render_globe
+
+        return render_globe(truth, recon, path, stats=stats)

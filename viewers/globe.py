@@ -1,0 +1,818 @@
+"""Globe viewers for gridded climate fields (truth vs. reconstruction).
+
+All rendering is done with an explicit :class:`matplotlib.figure.Figure` attached
+to an Agg canvas, so nothing touches ``pyplot``'s global figure registry and the
+module is safe to use from worker threads / headless servers.
+
+Coastlines come from the Natural Earth shapefiles vendored in
+``viewers/data/naturalearth`` (see the README there).  On first use cartopy's
+``pre_existing_data_dir`` is pointed at that folder, its ``data_dir`` at a
+private temporary directory, and the Natural Earth downloader is replaced by one
+that raises :class:`FileNotFoundError` -- cartopy will never try to download.
+
+Output files are written atomically: the image is rendered into a temporary file
+in the destination directory and then moved into place with :func:`os.replace`
+(``overwrite=True``, the default) so readers never observe a half-written file.
+With ``overwrite=False`` an existing path raises :class:`FileExistsError` before
+any rendering, and the final move uses :func:`os.link`, which also refuses to
+clobber a file created concurrently.
+
+Conventions
+-----------
+Input fields are 2-D ``(lat, lon)`` :class:`xarray.DataArray` objects with
+arbitrary coordinate names (see :func:`find_lat_lon`).  Latitude may be in either
+order, longitude in 0..360, -180..180 or any other 360-degree window.  Internally
+every field is normalised to ascending latitude and longitude in [-180, 180);
+global (periodic) grids get a wrapped extra column so that the seam is covered.
+Cells are drawn with ``pcolormesh`` using proper cell edges (latitude edges
+clipped to +/-90), NaN cells are left blank.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+__all__ = [
+    "NATURAL_EARTH_DIR",
+    "configure_cartopy",
+    "error_on_truth_grid",
+    "find_lat_lon",
+    "format_stats",
+    "globe_figsize",
+    "normalize_field",
+    "render_field",
+    "render_globe",
+    "rotating_globe_gif",
+]
+
+#: Folder containing ``shapefiles/natural_earth/...`` (cartopy layout).
+NATURAL_EARTH_DIR = Path(__file__).resolve().parent / "data" / "naturalearth"
+
+PROJECTIONS = ("both", "platecarree", "orthographic")
+
+_LAT_UNITS = {"degrees_north", "degree_north", "degrees_n", "degree_n", "degreesn", "degreen"}
+_LON_UNITS = {"degrees_east", "degree_east", "degrees_e", "degree_e", "degreese", "degreee"}
+_LAT_NAMES = {"lat", "latitude", "nav_lat", "y"}
+_LON_NAMES = {"lon", "longitude", "long", "nav_lon", "x"}
+
+_PANEL_W = 5.0  # inches per column in render_globe
+_PC_ROW_H = 2.75  # PlateCarree row (2:1 map + title)
+_ORTHO_ROW_H = 3.9  # Orthographic row
+_HEADER_H = 0.6  # suptitle
+_CBAR_H = 0.75  # bottom colour bars
+
+
+# --------------------------------------------------------------------------- cartopy set-up
+
+
+def _offline_error(format_dict: Mapping[str, str]) -> FileNotFoundError:
+    name = "ne_{resolution}_{name}".format(**format_dict)
+    folder = NATURAL_EARTH_DIR / "shapefiles" / "natural_earth" / format_dict.get("category", "?")
+    return FileNotFoundError(
+        f"Natural Earth shapefile {name!r} is not vendored in {folder} and downloads are "
+        "disabled (mscn_viewers works offline). Copy its .shp/.shx/.dbf/.prj files there."
+    )
+
+
+@functools.cache
+def configure_cartopy() -> Path:
+    """Point cartopy at the vendored Natural Earth data and disable downloads (idempotent).
+
+    Sets ``cartopy.config["pre_existing_data_dir"]`` to :data:`NATURAL_EARTH_DIR`,
+    ``data_dir`` to a per-user temporary folder, and replaces the Natural Earth
+    downloader by a subclass whose ``acquire_resource`` raises
+    :class:`FileNotFoundError` instead of fetching from the internet.
+    """
+    import cartopy
+    from cartopy.io.shapereader import NEShpDownloader
+
+    class OfflineNEShpDownloader(NEShpDownloader):
+        def acquire_resource(self, target_path, format_dict):
+            raise _offline_error(format_dict)
+
+    cartopy.config["pre_existing_data_dir"] = NATURAL_EARTH_DIR
+    cartopy.config["data_dir"] = Path(tempfile.gettempdir()) / f"mscn_cartopy_{os.getuid()}"
+    downloaders = cartopy.config.setdefault("downloaders", {})
+    key = ("shapefiles", "natural_earth")
+    orig = downloaders.get(key) or NEShpDownloader.default_downloader()
+    downloaders[key] = OfflineNEShpDownloader(
+        url_template=orig.url_template,
+        target_path_template=orig.target_path_template,
+        pre_downloaded_path_template=orig.pre_downloaded_path_template,
+    )
+    return NATURAL_EARTH_DIR
+
+
+def _shapefile(name: str, resolution: str = "110m", category: str = "physical") -> Path:
+    configure_cartopy()
+    path = (
+        NATURAL_EARTH_DIR
+        / "shapefiles"
+        / "natural_earth"
+        / category
+        / f"ne_{resolution}_{name}.shp"
+    )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Vendored Natural Earth shapefile missing: {path}. Downloads are disabled; "
+            f"copy ne_{resolution}_{name}.* (shp/shx/dbf/prj) into {path.parent}."
+        )
+    return path
+
+
+@functools.cache
+def _coastline_geometries(resolution: str = "110m") -> tuple:
+    from cartopy.io import shapereader
+
+    return tuple(shapereader.Reader(str(_shapefile("coastline", resolution))).geometries())
+
+
+def _add_coastlines(ax, resolution: str, linewidth: float = 0.6) -> None:
+    import cartopy.crs as ccrs
+    from cartopy.feature import ShapelyFeature
+
+    feature = ShapelyFeature(_coastline_geometries(resolution), ccrs.PlateCarree())
+    ax.add_feature(feature, facecolor="none", edgecolor="black", linewidth=linewidth, zorder=3)
+
+
+# --------------------------------------------------------------------------- field handling
+
+
+def _units_of(coord: xr.DataArray) -> str:
+    return str(coord.attrs.get("units", "")).strip().lower().replace(" ", "_")
+
+
+def find_lat_lon(da: xr.DataArray) -> tuple[str, str]:
+    """Return the ``(lat_dim, lon_dim)`` names of a 2-D (after squeezing) field.
+
+    Detection order: coordinate ``units`` (degrees_north / degrees_east) or
+    ``standard_name``, then well-known names (lat/latitude, lon/longitude),
+    then the last two dimensions (lat, lon).
+    """
+    dims = [d for d in da.dims if da.sizes[d] > 1] or list(da.dims)
+    lat = lon = None
+    for d in dims:
+        if d not in da.coords:
+            continue
+        c = da.coords[d]
+        units, std = _units_of(c), str(c.attrs.get("standard_name", "")).lower()
+        if lat is None and (units in _LAT_UNITS or std in ("latitude", "grid_latitude")):
+            lat = d
+        elif lon is None and (units in _LON_UNITS or std in ("longitude", "grid_longitude")):
+            lon = d
+    for d in dims:
+        name = str(d).lower()
+        if lat is None and name in _LAT_NAMES and d != lon:
+            lat = d
+        elif lon is None and name in _LON_NAMES and d != lat:
+            lon = d
+    if lat is None or lon is None:
+        if len(dims) < 2:
+            raise ValueError(f"need a 2-D (lat, lon) field, got dims {da.dims}")
+        rest = [d for d in dims if d not in (lat, lon)]
+        if lat is None and lon is None:
+            lat, lon = dims[-2], dims[-1]
+        elif lat is None:
+            lat = rest[-1]
+        else:
+            lon = rest[-1]
+    return str(lat), str(lon)
+
+
+def _wrap180(lon: np.ndarray) -> np.ndarray:
+    return (np.asarray(lon, dtype=float) + 180.0) % 360.0 - 180.0
+
+
+def normalize_field(da: xr.DataArray, central_longitude: float = 0.0) -> xr.DataArray:
+    """Return ``da`` as float ``(lat, lon)`` with ascending lat and lon in [c-180, c+180).
+
+    Longitudes are expressed relative to the central longitude ``c`` (i.e. the
+    returned ``lon`` coordinate is ``wrap(lon - c)`` + 0, in [-180, 180)), which
+    is what a ``PlateCarree(central_longitude=c)`` axes uses.  Size-1 extra
+    dimensions are squeezed into scalar coordinates; other extra dimensions are
+    an error.  Attributes (name, long_name, units) are preserved.
+    """
+    if not isinstance(da, xr.DataArray):
+        raise TypeError(f"expected xarray.DataArray, got {type(da).__name__}")
+    lat, lon = find_lat_lon(da)
+    extra = [d for d in da.dims if d not in (lat, lon)]
+    big = [d for d in extra if da.sizes[d] != 1]
+    if big:
+        raise ValueError(f"field must be 2-D (lat, lon); extra non-singleton dims {big}")
+    if extra:
+        da = da.squeeze(extra)
+    for d in (lat, lon):
+        if d not in da.coords:
+            raise ValueError(f"dimension {d!r} has no coordinate values; cannot georeference")
+    attrs, name = dict(da.attrs), da.name
+    lat_vals = np.asarray(da[lat].values, dtype=float)
+    lon_vals = _wrap180(np.asarray(da[lon].values, dtype=float) - central_longitude)
+    scalars = {k: v for k, v in da.coords.items() if k not in (lat, lon) and v.ndim == 0}
+    out = xr.DataArray(
+        np.asarray(da.transpose(lat, lon).values, dtype=float),
+        dims=("lat", "lon"),
+        coords={"lat": lat_vals, "lon": lon_vals},
+        name=name,
+        attrs=attrs,
+    )
+    out = out.assign_coords(scalars)
+    out = out.isel(lon=np.unique(out["lon"].values, return_index=True)[1])  # sorted, deduped
+    out = out.sortby("lat")
+    out["lon"].attrs.update(units="degrees_east")
+    out["lat"].attrs.update(units="degrees_north")
+    out.attrs["central_longitude"] = float(central_longitude)
+    return out
+
+
+def _spacing(c: np.ndarray) -> float:
+    return float(np.median(np.diff(c))) if c.size > 1 else 360.0
+
+
+def _is_global_lon(lon: np.ndarray) -> bool:
+    if lon.size < 2:
+        return False
+    return abs(lon.size * _spacing(lon) - 360.0) < 0.51 * _spacing(lon) or (
+        lon[-1] - lon[0] + _spacing(lon) >= 359.999
+    )
+
+
+def _pad_periodic(da: xr.DataArray) -> xr.DataArray:
+    """Add wrapped copies of the first/last longitude column for global grids."""
+    lon = da["lon"].values
+    if not _is_global_lon(lon):
+        return da
+    first = da.isel(lon=[0]).assign_coords(lon=[lon[0] + 360.0])
+    last = da.isel(lon=[-1]).assign_coords(lon=[lon[-1] - 360.0])
+    return xr.concat([last, da, first], dim="lon", coords="minimal", compat="override")
+
+
+def _edges(c: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    c = np.asarray(c, dtype=float)
+    if c.size == 1:
+        e = np.array([c[0] - 0.5, c[0] + 0.5])
+    else:
+        mid = 0.5 * (c[1:] + c[:-1])
+        e = np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
+    if lo is not None or hi is not None:
+        e = np.clip(e, lo, hi)
+    return e
+
+
+def _mesh(da: xr.DataArray) -> tuple[np.ndarray, np.ndarray, np.ma.MaskedArray]:
+    """Cell edges and masked values of a normalised field, padded across the seam."""
+    padded = _pad_periodic(da)
+    lon_e = _edges(padded["lon"].values)
+    lat_e = _edges(padded["lat"].values, -90.0, 90.0)
+    return lon_e, lat_e, np.ma.masked_invalid(padded.values)
+
+
+def error_on_truth_grid(truth: xr.DataArray, recon: xr.DataArray) -> xr.DataArray:
+    """``recon - truth`` on the truth grid (recon linearly interpolated, lon periodic)."""
+    t = normalize_field(truth)
+    r = normalize_field(recon)
+    same = (
+        t.shape == r.shape
+        and np.allclose(t["lat"].values, r["lat"].values)
+        and np.allclose(t["lon"].values, r["lon"].values)
+    )
+    if same:
+        r_on_t = r.values
+    else:
+        # Periodic in lon (wrapped columns); beyond recon's outermost latitude rows (e.g.
+        # truth has the pole rows, recon has cell centres) hold the edge row constant.
+        rp = _pad_periodic(r)
+        rlat = rp["lat"].values
+        r_on_t = rp.interp(
+            lat=np.clip(t["lat"].values, rlat.min(), rlat.max()),
+            lon=t["lon"].values,
+            method="linear",
+        ).values
+    err = t.copy(data=r_on_t - t.values)
+    err.name = f"{t.name}_error" if t.name else "error"
+    err.attrs = {
+        "long_name": f"{_long_name(t)} error (recon − truth)",
+        "units": t.attrs.get("units", ""),
+    }
+    return err
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _long_name(da: xr.DataArray) -> str:
+    ln = da.attrs.get("long_name") or da.attrs.get("standard_name") or da.name or "field"
+    return str(ln)
+
+
+def _var_label(da: xr.DataArray) -> str:
+    ln = _long_name(da)
+    if da.name and str(da.name) != ln:
+        return f"{ln} ({da.name})"
+    return ln
+
+
+def _units(da: xr.DataArray) -> str:
+    return str(da.attrs.get("units", "")).strip()
+
+
+def _cbar_label(da: xr.DataArray, prefix: str | None = None) -> str:
+    u = _units(da)
+    base = prefix or _var_label(da)
+    return f"{base} [{u}]" if u else base
+
+
+def _fmt_scalar(v: Any) -> str:
+    v = np.asarray(v)
+    if np.issubdtype(v.dtype, np.datetime64):
+        s = np.datetime_as_string(v, unit="m").replace("T", " ")
+        return s[:-6] if s.endswith(" 00:00") else s
+    if np.issubdtype(v.dtype, np.timedelta64):
+        hours = v / np.timedelta64(1, "h")
+        return f"{hours:g}h"
+    if np.issubdtype(v.dtype, np.floating):
+        return f"{float(v):g}"
+    return str(v.item() if v.ndim == 0 else v)
+
+
+def _redundant_coord(da: xr.DataArray, name: str) -> bool:
+    """Hide cfgrib's ``step=0`` and a ``valid_time`` equal to ``time``."""
+    try:
+        v = da.coords[name].values
+        if name == "step":
+            return bool(np.all(np.asarray(v).astype(float) == 0))
+        if name == "valid_time" and "time" in da.coords and da.coords["time"].ndim == 0:
+            return bool(v == da.coords["time"].values)
+    except Exception:
+        return False
+    return False
+
+
+def item_identity(da: xr.DataArray) -> str:
+    """``number=3 · time=2017-01-01 12:00 · isobaricInhPa=850`` from scalar coords."""
+    lat, lon = (None, None)
+    try:
+        lat, lon = find_lat_lon(da)
+    except ValueError:
+        pass
+    parts = []
+    for k, c in da.coords.items():
+        if k in (lat, lon, "lat", "lon") or c.ndim != 0:
+            continue
+        if _redundant_coord(da, str(k)):
+            continue
+        try:
+            parts.append(f"{k}={_fmt_scalar(c.values)}")
+        except Exception:  # identity is cosmetic
+            continue
+    return " · ".join(parts)
+
+
+_STAT_UNITS = {
+    "psnr": ("PSNR", "{:.1f} dB"),
+    "rmse": ("RMSE", "{:.3g} {u}"),
+    "mae": ("MAE", "{:.3g} {u}"),
+    "max_abs_error": ("max|err|", "{:.3g} {u}"),
+    "maxerr": ("max|err|", "{:.3g} {u}"),
+    "max_error": ("max|err|", "{:.3g} {u}"),
+    "bpv": (None, "{:.3g} bits/value"),
+    "bits_per_value": (None, "{:.3g} bits/value"),
+    "bits/value": (None, "{:.3g} bits/value"),
+    "ratio": ("ratio", "{:.1f}×"),
+    "compression_ratio": ("ratio", "{:.1f}×"),
+    "cr": ("ratio", "{:.1f}×"),
+    "bytes": (None, "{:,.0f} bytes"),
+}
+
+
+def format_stats(stats: Mapping[str, Any] | None, units: str = "") -> str:
+    """Format a stats dict, e.g. ``PSNR 41.2 dB | RMSE 1.07 K | 0.043 bits/value``."""
+    if not stats:
+        return ""
+    out = []
+    for key, val in stats.items():
+        norm = str(key).strip().lower().replace(" ", "_")
+        if isinstance(val, str) or not np.isscalar(val) or isinstance(val, bool):
+            out.append(f"{key} {val}")
+            continue
+        label, fmt = _STAT_UNITS.get(norm, (str(key), "{:.4g}"))
+        text = fmt.format(float(val), u=units).strip()
+        out.append(f"{label} {text}" if label else text)
+    return " | ".join(out)
+
+
+# --------------------------------------------------------------------------- scales
+
+
+def _robust_range(values: np.ndarray, robust: bool = True) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, [1, 99]) if robust else (v.min(), v.max())
+    if not hi > lo:
+        lo, hi = float(v.min()), float(v.max())
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return float(lo), float(hi)
+
+
+def _symmetric_range(err: np.ndarray) -> float:
+    a = np.abs(np.asarray(err, dtype=float))
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return 1.0
+    m = float(np.percentile(a, 99))
+    if not m > 0:
+        m = float(a.max())
+    return m if m > 0 else 1.0
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _projection(kind: str, central_longitude: float, central_latitude: float):
+    import cartopy.crs as ccrs
+
+    if kind == "platecarree":
+        return ccrs.PlateCarree(central_longitude=central_longitude)
+    if kind == "orthographic":
+        return ccrs.Orthographic(
+            central_longitude=central_longitude, central_latitude=central_latitude
+        )
+    raise ValueError(f"unknown projection {kind!r}; expected one of {PROJECTIONS}")
+
+
+def _draw(
+    ax,
+    da: xr.DataArray,
+    kind: str,
+    central_longitude: float,
+    *,
+    cmap,
+    vmin,
+    vmax,
+    coastlines: bool,
+    coast_resolution: str,
+    gridlines: bool = False,
+):
+    """Draw one normalised-at-lon-0 field onto a GeoAxes; returns the QuadMesh."""
+    import cartopy.crs as ccrs
+
+    if kind == "platecarree":
+        # Shift the data itself so the axes' own CRS is the transform: exact, no seam wrapping.
+        field = normalize_field(da, central_longitude)
+        transform = ccrs.PlateCarree(central_longitude=central_longitude)
+    else:
+        field = normalize_field(da, 0.0)
+        transform = ccrs.PlateCarree()
+    lon_e, lat_e, values = _mesh(field)
+    mesh = ax.pcolormesh(
+        lon_e,
+        lat_e,
+        values,
+        transform=transform,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        shading="flat",
+        rasterized=True,
+    )
+    ax.set_global()
+    if coastlines:
+        _add_coastlines(ax, coast_resolution)
+    if gridlines:
+        ax.gridlines(linewidth=0.3, color="0.4", alpha=0.6, linestyle=":")
+    return mesh
+
+
+def _new_figure(figsize, dpi, layout=None):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout=layout, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _atomic_write(path, write: Callable[[str], None], overwrite: bool) -> Path:
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists and overwrite=False")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix
+    )
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, refuses to clobber
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists and overwrite=False") from None
+            except OSError:  # filesystem without hard links
+                if path.exists():
+                    raise FileExistsError(f"{path} exists and overwrite=False") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _save_png(fig, path, overwrite: bool) -> Path:
+    try:
+        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite)
+    finally:
+        fig.clear()
+
+
+def _check_projection(projection: str) -> list[str]:
+    p = projection.lower().replace("_", "").replace(" ", "")
+    if p == "both":
+        return ["platecarree", "orthographic"]
+    if p in ("platecarree", "orthographic"):
+        return [p]
+    raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+
+
+def globe_figsize(projection: str = "both") -> tuple[float, float]:
+    """Figure size in inches used by :func:`render_globe` (pixels = inches * dpi)."""
+    rows = _check_projection(projection)
+    h = _HEADER_H + _CBAR_H + sum(_PC_ROW_H if r == "platecarree" else _ORTHO_ROW_H for r in rows)
+    return (3 * _PANEL_W, h)
+
+
+def _title_block(truth: xr.DataArray, title: str | None, stats: Mapping | None) -> str:
+    ident = item_identity(truth)
+    first = title if title else _var_label(truth)
+    lines = [f"{first} — {ident}" if ident else first]
+    s = format_stats(stats, _units(truth))
+    if s:
+        lines.append(s)
+    return "\n".join(lines)
+
+
+def render_globe(
+    truth: xr.DataArray,
+    recon: xr.DataArray,
+    path,
+    *,
+    title: str | None = None,
+    stats: dict | None = None,
+    projection: str = "both",
+    central_longitude: float = 0.0,
+    dpi=110,
+    error: xr.DataArray | None = None,
+    cmap: str = "viridis",
+    error_cmap: str = "RdBu_r",
+    robust: bool = True,
+    central_latitude: float = 20.0,
+    coast_resolution: str = "110m",
+    overwrite: bool = True,
+) -> Path:
+    """Render truth | reconstruction | error panels and write a PNG atomically.
+
+    ``truth``/``recon`` are 2-D (lat, lon) fields on possibly different grids.
+    The error (recon − truth) is computed on the truth grid by periodic linear
+    interpolation of ``recon`` unless ``error`` is given.  Truth and recon share
+    one colour scale (truth's 1st–99th percentiles, or min/max if
+    ``robust=False``); the error uses ``error_cmap`` symmetric about zero at
+    ±99th percentile of |error|.  ``projection`` is "both" (PlateCarree row and
+    Orthographic row), "platecarree" or "orthographic".  Image size in pixels
+    is ``globe_figsize(projection) * dpi``.  Returns the written path.
+    """
+    rows = _check_projection(projection)
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(f"{path} exists and overwrite=False")
+    configure_cartopy()
+    t = normalize_field(truth)
+    r = normalize_field(recon)
+    err = normalize_field(error) if error is not None else error_on_truth_grid(truth, recon)
+    vmin, vmax = _robust_range(t.values, robust)
+    emax = _symmetric_range(err.values)
+    finite = np.isfinite(err.values)
+    rmse = float(np.sqrt(np.mean(err.values[finite] ** 2))) if finite.any() else float("nan")
+    units = _units(t)
+
+    fig = _new_figure(globe_figsize(projection), dpi, layout="constrained")
+    heights = [_PC_ROW_H if k == "platecarree" else _ORTHO_ROW_H for k in rows]
+    gs = fig.add_gridspec(len(rows), 3, height_ratios=heights)
+    field_axes, err_axes = [], []
+    mesh_f = mesh_e = None
+    col_titles = [
+        "Truth",
+        "Reconstruction" + (f"  ({r.sizes['lat']}×{r.sizes['lon']})" if r.shape != t.shape else ""),
+        f"Error (recon − truth), RMSE {rmse:.3g} {units}".rstrip(),
+    ]
+    for i, kind in enumerate(rows):
+        proj = _projection(kind, central_longitude, central_latitude)
+        ortho = kind == "orthographic"
+        for j, (field, is_err) in enumerate(((t, False), (r, False), (err, True))):
+            ax = fig.add_subplot(gs[i, j], projection=proj)
+            m = _draw(
+                ax,
+                field,
+                kind,
+                central_longitude,
+                cmap=error_cmap if is_err else cmap,
+                vmin=-emax if is_err else vmin,
+                vmax=emax if is_err else vmax,
+                coastlines=True,
+                coast_resolution=coast_resolution,
+                gridlines=ortho,
+            )
+            if i == 0:
+                ax.set_title(col_titles[j], fontsize=10)
+            (err_axes if is_err else field_axes).append(ax)
+            if is_err:
+                mesh_e = m
+            else:
+                mesh_f = m
+    cb = fig.colorbar(
+        mesh_f, ax=field_axes, location="bottom", shrink=0.6, aspect=40, extend="both", pad=0.02
+    )
+    cb.set_label(_cbar_label(t))
+    cbe = fig.colorbar(
+        mesh_e, ax=err_axes, location="bottom", shrink=0.9, aspect=20, extend="both", pad=0.02
+    )
+    cbe.set_label(_cbar_label(t, "recon − truth"))
+    fig.suptitle(_title_block(truth, title, stats), fontsize=12)
+    return _save_png(fig, path, overwrite)
+
+
+def render_field(
+    da: xr.DataArray,
+    path,
+    *,
+    title: str | None = None,
+    projection: str = "platecarree",
+    central_longitude: float = 0.0,
+    dpi=110,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    robust: bool = True,
+    stats: dict | None = None,
+    central_latitude: float = 20.0,
+    coastlines: bool = True,
+    colorbar: bool = True,
+    bare: bool = False,
+    figsize: tuple[float, float] | None = None,
+    coast_resolution: str = "110m",
+    overwrite: bool = True,
+) -> Path:
+    """Render a single field (one panel per projection) and write a PNG atomically.
+
+    ``bare=True`` draws only the map: no title, colour bar, frame or margins;
+    the axes fill the whole figure, so for ``projection="platecarree"`` pixel
+    ``(x, y)`` of a ``W×H`` image maps linearly to lon ``c-180..c+180`` (left to
+    right) and lat ``90..-90`` (top to bottom).  Default ``figsize`` is
+    (8, 4.6) per panel, or (8, 4) bare.
+    """
+    kinds = _check_projection(projection)
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(f"{path} exists and overwrite=False")
+    configure_cartopy()
+    f = normalize_field(da)
+    if vmin is None or vmax is None:
+        lo, hi = _robust_range(f.values, robust)
+        vmin = lo if vmin is None else vmin
+        vmax = hi if vmax is None else vmax
+    if bare:
+        colorbar = False
+        figsize = figsize or (8.0 * len(kinds), 4.0)
+        fig = _new_figure(figsize, dpi)
+    else:
+        figsize = figsize or (8.0 * len(kinds), 4.6 if kinds == ["platecarree"] else 5.4)
+        fig = _new_figure(figsize, dpi, layout="constrained")
+    axes, mesh = [], None
+    for j, kind in enumerate(kinds):
+        proj = _projection(kind, central_longitude, central_latitude)
+        if bare:
+            w = 1.0 / len(kinds)
+            ax = fig.add_axes((j * w, 0.0, w, 1.0), projection=proj)
+            ax.spines["geo"].set_visible(False)
+        else:
+            ax = fig.add_subplot(1, len(kinds), j + 1, projection=proj)
+        mesh = _draw(
+            ax,
+            f,
+            kind,
+            central_longitude,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            coastlines=coastlines,
+            coast_resolution=coast_resolution,
+            gridlines=kind == "orthographic" and not bare,
+        )
+        axes.append(ax)
+    if colorbar:
+        cb = fig.colorbar(
+            mesh, ax=axes, location="bottom", shrink=0.7, aspect=40, extend="both", pad=0.03
+        )
+        cb.set_label(_cbar_label(f))
+    if not bare:
+        fig.suptitle(_title_block(da, title, stats), fontsize=11)
+    return _save_png(fig, path, overwrite)
+
+
+def rotating_globe_gif(
+    da: xr.DataArray,
+    path,
+    frames=24,
+    dpi=80,
+    *,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    robust: bool = True,
+    central_latitude: float = 20.0,
+    start_longitude: float = 0.0,
+    duration_ms: int = 120,
+    title: str | None = None,
+    coastlines: bool = True,
+    coast_resolution: str = "110m",
+    overwrite: bool = True,
+) -> Path:
+    """Write an animated GIF of Orthographic views rotating eastward through 360°.
+
+    Frame ``k`` is centred on longitude ``start_longitude + 360·k/frames``; all
+    frames share one colour scale.  Written atomically with pillow.
+    """
+    from PIL import Image
+
+    frames = int(frames)
+    if frames < 1:
+        raise ValueError("frames must be >= 1")
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(f"{path} exists and overwrite=False")
+    configure_cartopy()
+    f = normalize_field(da)
+    lo, hi = _robust_range(f.values, robust)
+    vmin = lo if vmin is None else vmin
+    vmax = hi if vmax is None else vmax
+    head = title if title else _var_label(da)
+    ident = item_identity(da)
+
+    fig = _new_figure((4.0, 4.6), dpi)
+    images = []
+    try:
+        for k in range(frames):
+            lon0 = float(_wrap180(start_longitude + 360.0 * k / frames))
+            fig.clear()
+            ax = fig.add_axes(
+                (0.04, 0.17, 0.92, 0.70),
+                projection=_projection("orthographic", lon0, central_latitude),
+            )
+            mesh = _draw(
+                ax,
+                f,
+                "orthographic",
+                lon0,
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                coastlines=coastlines,
+                coast_resolution=coast_resolution,
+                gridlines=True,
+            )
+            cax = fig.add_axes((0.12, 0.09, 0.76, 0.035))
+            cb = fig.colorbar(mesh, cax=cax, orientation="horizontal", extend="both")
+            cb.set_label(_cbar_label(f), fontsize=8)
+            cb.ax.tick_params(labelsize=7)
+            fig.suptitle(f"{head}\n{ident}" if ident else head, fontsize=9, y=0.985)
+            hemi = "E" if lon0 >= 0 else "W"
+            fig.text(
+                0.98, 0.885, f"centre {abs(lon0):.0f}°{hemi}", ha="right", fontsize=7, color="0.3"
+            )
+            fig.canvas.draw()
+            rgba = np.asarray(fig.canvas.buffer_rgba())
+            images.append(Image.fromarray(rgba[..., :3].copy()))
+    finally:
+        fig.clear()
+
+    def write(tmp: str) -> None:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=int(duration_ms),
+            loop=0,
+            optimize=False,
+        )
+
+    return _atomic_write(path, write, overwrite)
