@@ -270,6 +270,32 @@ def _resolve_sel_key(da: xr.DataArray, key: str) -> str:
     )
 
 
+def _check_scalar(coord: xr.DataArray, value: Any) -> None:
+    wanted = value if isinstance(value, list) else [value]
+    have = coord.values.item() if coord.values.dtype.kind in "iufb" else coord.values
+    ok = any(
+        (isinstance(w, int | float) and np.isclose(float(w), float(have))) or str(w) == str(have)
+        for w in wanted
+    )
+    if not ok:
+        raise ClimateDataError(
+            f"selection {coord.name}={value!r} matches nothing: {coord.name} is {have!r} here"
+        )
+
+
+def _check_near(coord: xr.DataArray, wanted: list, got: np.ndarray, dim: str) -> None:
+    """Nearest match forgives rounding (850 vs 850.0001), not a value off the axis."""
+    vals = np.asarray(coord.values, dtype=np.float64)
+    spacing = float(np.min(np.abs(np.diff(np.unique(vals))))) if vals.size > 1 else 0.0
+    tol = max(0.5 * spacing, 1e-6 * max(1.0, float(np.max(np.abs(vals)))))
+    for w, g in zip(wanted, got, strict=True):
+        if abs(float(w) - float(g)) > tol:
+            raise ClimateDataError(
+                f"selection {dim}={w!r} matches nothing (nearest is {g!r}); "
+                f"{dim} values: {vals[:10].tolist()}"
+            )
+
+
 def _sel_one(da: xr.DataArray, dim: str, value: Any) -> xr.DataArray:
     if dim not in da.coords:
         if isinstance(value, int | list):
@@ -285,7 +311,9 @@ def _sel_one(da: xr.DataArray, dim: str, value: Any) -> xr.DataArray:
                     f"selection {dim}={value!r}: coordinate {dim!r} is numeric "
                     f"({coord.values.tolist()[:10]}...)"
                 )
-            return da.sel({dim: value}, method="nearest")
+            out = da.sel({dim: value}, method="nearest")
+            _check_near(coord, vals, np.atleast_1d(out[dim].values), dim)
+            return out
         return da.sel({dim: value})
     except KeyError as exc:
         shown = coord.values[:10].tolist()
@@ -340,6 +368,9 @@ def select_fields(
         if not isinstance(sel, Mapping):
             sel = parse_sel(list(sel))
         for key, value in sel.items():
+            if str(key) in da.coords and da[str(key)].ndim == 0 and str(key) not in da.dims:
+                _check_scalar(da[str(key)], value)  # already selected (e.g. a written recon)
+                continue
             dim = _resolve_sel_key(da, str(key))
             if dim in (lat, lon):
                 raise ClimateDataError(

@@ -18,6 +18,7 @@ from .siren import SirenConfig
 
 FORMAT_VERSION = 1
 _META_KEY = "mscn"
+_DIGEST_KEY = "mscn_tensors_sha256"  # safetensors checks the header only, not the data
 
 
 class CheckpointError(ValueError):
@@ -81,11 +82,22 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = T
     return path
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of all tensors (detects altered data)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(ck: Checkpoint, path: str | os.PathLike, overwrite: bool = True) -> str:
     """Write the checkpoint; returns its sha256 (what bitstreams refer to)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in ck.rep.state_dict().items()}
     tensors.update({f"codec.{k}": v.detach().cpu().contiguous() for k, v in ck.codec.items()})
-    data = st_save(tensors, metadata={_META_KEY: json.dumps(_config(ck))})
+    data = st_save(tensors, metadata={_META_KEY: json.dumps(_config(ck)),
+                                      _DIGEST_KEY: tensors_digest(tensors)})
     atomic_write_bytes(data, path, overwrite=overwrite)
     ck.sha256 = hashlib.sha256(data).hexdigest()
     ck.path = Path(path)
@@ -101,7 +113,8 @@ def read_config(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not an mscn checkpoint (safetensors): {err}") from err
+        raise CheckpointError(f"{path} is not a readable mscn checkpoint (truncated, "
+                              f"corrupted or not safetensors): {err}") from err
     if _META_KEY not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not an mscn checkpoint "
                               f"(no '{_META_KEY}' metadata)")
@@ -125,13 +138,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         rep = build_representation(siren, mcfg)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: checkpoint config is invalid: {err}") from err
-    model, codec = {}, {}
+    model, codec, tensors = {}, {}, {}
     try:
         with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get(_DIGEST_KEY)
             for k in f.keys():
-                (model if k.startswith("model.") else codec)[k.split(".", 1)[1]] = f.get_tensor(k)
+                tensors[k] = f.get_tensor(k)
+                (model if k.startswith("model.") else codec)[k.split(".", 1)[1]] = tensors[k]
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read checkpoint tensors: {err}") from err
+    if expected is not None and tensors_digest(tensors) != expected:
+        raise CheckpointError(f"{path}: checkpoint tensors are corrupted or altered "
+                              "(checksum mismatch)")
     try:
         rep.load_state_dict(model, strict=True)
     except RuntimeError as err:

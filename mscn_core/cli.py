@@ -127,16 +127,20 @@ def cmd_meta_train(args) -> int:
     from .checkpoint import save_checkpoint
     from .pipeline import train_checkpoint
 
+    _refuse_existing(args)
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
     modality = _modality(args.modality, args.data[0])
     items = _read_items(modality, args.data, args)
-    order = list(range(len(items)))
-    random.Random(args.seed_split).shuffle(order)
-    n_val = max(1, round(args.val_fraction * len(items))) if len(items) > 1 else 0
-    val = [items[i] for i in order[:n_val]]
-    train = [items[i] for i in order[n_val:]] or val
+    if args.val_sel:
+        val = _read_items(modality, args.val_data or args.data,
+                          argparse.Namespace(var=args.var, sel=(args.sel or []) + args.val_sel))
+        train = items
+    else:
+        order = list(range(len(items)))
+        random.Random(args.seed_split).shuffle(order)
+        n_val = max(1, round(args.val_fraction * len(items))) if len(items) > 1 else 0
+        val = [items[i] for i in order[:n_val]]
+        train = [items[i] for i in order[n_val:]] or val
     siren = config_from_args(args, SirenConfig, "siren")
     method = config_from_args(args, MethodConfig, "method")
     tcfg = config_from_args(args, TrainConfig, "train")
@@ -168,10 +172,18 @@ def _fit(args, ck, modality, items):
     return signals, preds, metrics
 
 
+def _refuse_existing(args) -> None:
+    """Fail before any work if the output exists (the writers also refuse, atomically)."""
+    out = getattr(args, "output", None)
+    if out and Path(out).exists() and not getattr(args, "overwrite", False):
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+
 def _load(args):
     from .checkpoint import load_checkpoint
     from .registry import get_modality
 
+    _refuse_existing(args)
     ck = load_checkpoint(args.checkpoint)
     modality = get_modality(ck.modality)
     modality.load_state(ck.modality_state)
@@ -237,6 +249,7 @@ def cmd_decode(args) -> int:
     from .checkpoint import load_checkpoint
     from .pipeline import decode_stream
 
+    _refuse_existing(args)
     ck = load_checkpoint(args.checkpoint)
     data = Path(args.file).read_bytes()
     modality, artifacts, stream = decode_stream(data, ck, args.resolution)
@@ -252,6 +265,7 @@ def cmd_view_globe(args) -> int:
     from mscn_datasets import climate
     from mscn_viewers.globe import render_globe, rotating_globe_gif
 
+    _refuse_existing(args)
     truth = climate.field_items([args.truth], var=args.var, sel=args.sel)
     recon = climate.field_items([args.recon], var=args.var or str(truth[0].name), sel=args.sel)
     if not 0 <= args.index < len(truth):
@@ -263,12 +277,6 @@ def cmd_view_globe(args) -> int:
     if args.gif:
         print(rotating_globe_gif(r, args.gif))
     return 0
-
-
-def cmd_demo(args) -> int:
-    from mscn_plugins.sphere_demo import run_demo
-
-    return run_demo(args.output_dir, args.checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of items held out for validation/keep-best (default 0.1)")
     s.add_argument("--seed-split", type=int, default=0, help="seed of the train/val split")
+    s.add_argument("--val-sel", action="append", metavar="DIM=VALUE",
+                   help="validation items: --sel plus these (overriding), e.g. number=7; "
+                   "replaces the random split")
+    s.add_argument("--val-data", nargs="+", metavar="FILE",
+                   help="files for the validation items (default: --data)")
     add_config_flags(s, SirenConfig, "siren", skip=("in_dim", "out_dim"))
     add_config_flags(s, MethodConfig, "method")
     add_config_flags(s, TrainConfig, "train")
@@ -361,11 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gif", default=None, help="also write a rotating-globe GIF here")
     out_flags(g)
     g.set_defaults(func=cmd_view_globe)
-
-    s = sub.add_parser("demo", help="adapt held-out ERA5 fields with the shipped checkpoint")
-    s.add_argument("--output-dir", default="out/demo")
-    s.add_argument("--checkpoint", default=None, help="default: the shipped ERA5 checkpoint")
-    s.set_defaults(func=cmd_demo)
     return p
 
 

@@ -254,15 +254,17 @@ def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signa
             opt.zero_grad(set_to_none=True)
             total.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            if not (math.isfinite(float(total)) and math.isfinite(gnorm)):
+            if not (math.isfinite(float(total.detach())) and math.isfinite(gnorm)):
                 rollback("non-finite loss or gradient", step)
                 continue
             opt.step()
             if ema:
                 ema.update(rep)
             note = rep.after_outer_step(step)
-            record = {"step": step, "loss": float(loss), "psnr": -10 * math.log10(
-                max(float(loss), 1e-12)), "grad_norm": gnorm, "lr": lr}
+            loss_value = float(loss.detach())
+            record = {"step": step, "loss": loss_value,
+                      "psnr": -10 * math.log10(max(loss_value, 1e-12)), "grad_norm": gnorm,
+                      "lr": lr}
             if note:
                 record["event"] = note
                 # Pruning changes the model: the old best no longer describes it.
@@ -281,7 +283,7 @@ def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signa
             log(record)
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.2e}", best_val=f"{best['loss']:.2e}")
+                bar.set_postfix(loss=f"{loss_value:.2e}", best_val=f"{best['loss']:.2e}")
     finally:
         if bar:
             bar.close()

@@ -84,7 +84,8 @@ def field_template(field: xr.DataArray) -> dict:
     variables, _ = xr.conventions.cf_encoder(dict(ds.variables), {})
     coords = {str(k): {"dims": list(v.dims), "data": _jsonable(np.asarray(v.values)),
                        "dtype": str(v.dtype),
-                       "attrs": {a: _jsonable(b) for a, b in v.attrs.items()}}
+                       "attrs": {a: _jsonable(b) for a, b in v.attrs.items()
+                                 if a not in ("_FillValue", "missing_value")}}
               for k, v in variables.items()}
     return {"name": str(field.name), "dims": list(field.dims), "dtype": str(field.dtype),
             "attrs": {a: _jsonable(b) for a, b in field.attrs.items()}, "coords": coords}
@@ -214,3 +215,31 @@ class SphereModality(Modality):
         from mscn_viewers.globe import render_globe
 
         return render_globe(truth, recon, path, stats=stats)
+
+
+@xr.register_dataarray_accessor("mscn")
+class MscnAccessor:
+    """``da.mscn.fit(ckpt)``: the field(s) of a DataArray as the checkpoint represents them."""
+
+    def __init__(self, da: xr.DataArray):
+        self._da = da
+
+    def fit(self, checkpoint: str | os.PathLike, steps: int | None = None,
+            bits: int | None = None, resolution: float | None = None) -> xr.DataArray:
+        from mscn_core.checkpoint import load_checkpoint
+        from mscn_core.pipeline import adapt_codes, predictor, quantize_codes
+
+        ck = load_checkpoint(checkpoint)
+        if ck.modality != SphereModality.name:
+            raise ValueError(f"{checkpoint} is a {ck.modality!r} checkpoint, not 'sphere'")
+        modality = SphereModality()
+        modality.load_state(ck.modality_state)
+        name = self._da.name if self._da.name is not None else "field"
+        fields = list(climate.iter_fields(self._da.rename(name)))
+        signals = [modality.to_signal(f) for f in fields]
+        codes = adapt_codes(ck, modality, signals, steps=steps)
+        if bits:
+            _, codes = quantize_codes(ck, codes, bits)
+        recon = [modality.reconstruct(s.meta, predictor(ck, modality, c), resolution, template=f)
+                 for s, c, f in zip(signals, codes, fields, strict=True)]
+        return recon[0] if self._da.ndim == 2 else climate.stack_fields(recon)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything mscn needs, on a fresh machine too.
+# Order matters: the pinned CPU torch wheel first, so nothing pulls a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages (only when apt is there and we are root). None of the climate
+# stack needs one today; open3d will need libusb-1.0-0 and the Vulkan drivers.
+APT_PACKAGES="${APT_PACKAGES:-}"
+if [ -n "$APT_PACKAGES" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  missing=""
+  for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+  fi
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[all]"
+python -c "import torch, mscn_core, mscn_plugins.sphere, mscn_viewers.globe; print('mscn ready, torch', torch.__version__)"
