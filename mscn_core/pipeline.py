@@ -183,3 +183,23 @@ def decode_stream(data: bytes, ck: Checkpoint, resolution: Any = None
 
 def psnr(mse: float) -> float:
     return -10 * math.log10(max(mse, 1e-20))
+
+
+def _as_checkpoint(checkpoint: Checkpoint | str) -> Checkpoint:
+    from .checkpoint import load_checkpoint
+
+    return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+
+
+def encode(items: Sequence[Any] | Any, checkpoint: Checkpoint | str, bits: int = 6) -> bytes:
+    """Items of the checkpoint's modality (e.g. 2-D DataArrays) → one .mscn stream."""
+    ck = _as_checkpoint(checkpoint)
+    modality = get_modality(ck.modality)
+    modality.load_state(ck.modality_state)
+    items = list(items) if isinstance(items, list | tuple) else [items]
+    return encode_items(ck, modality, items, bits=bits, with_metrics=False)[0]
+
+
+def decode(data: bytes, checkpoint: Checkpoint | str, resolution: Any = None) -> list[Any]:
+    """A .mscn stream → the artifacts (e.g. DataArrays), rebuilt by the named plugin."""
+    return decode_stream(data, _as_checkpoint(checkpoint), resolution)[1]

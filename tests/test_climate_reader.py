@@ -268,18 +268,7 @@ def test_write_netcdf_failure_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["good.nc"]
 
 
-def _zarr_import_error() -> str | None:
-    try:
-        import zarr  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - environment problem, reported in the skip
-        return f"zarr cannot be imported in this environment: {type(exc).__name__}: {exc}"
-    return None
-
-
 def test_zarr_round_trip(tmp_path):
-    reason = _zarr_import_error()
-    if reason:
-        pytest.skip(reason)
     field = _era5_field()
     store = tmp_path / "field.zarr"
     field.to_dataset().drop_encoding().to_zarr(store, mode="w", consolidated=False)

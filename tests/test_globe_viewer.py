@@ -1,7 +1,7 @@
 """Tests for mscn_viewers.globe on real data (ETOPO60 relief, ERA5 t850).
 
 Data: ``<repo>/../shared/data/climate`` if present, else the vendored subsets in
-``datasets/data`` (ERA5 float32 copy, ETOPO 2-degree block mean); tests skip if
+``datasets/data`` (ERA5 float32 copy, ETOPO 2-degree block mean); tests fail if
 neither exists.
 """
 
@@ -13,13 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-
-PIL = pytest.importorskip("PIL")
-pytest.importorskip("cartopy")
-pytest.importorskip("matplotlib")
-
-from mscn_viewers import globe  # noqa: E402
-from PIL import Image  # noqa: E402
+from mscn_viewers import globe
+from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "climate"
 VENDORED = Path(__file__).resolve().parents[1] / "datasets" / "data"
@@ -32,7 +27,8 @@ def _data_file(shared_name: str, vendored_glob: str) -> Path:
     matches = sorted(VENDORED.glob(vendored_glob))
     if matches:
         return matches[0]
-    pytest.skip(f"no real data: {p} missing and nothing matches {VENDORED / vendored_glob}")
+    raise FileNotFoundError(f"no real data: {p} missing and nothing matches "
+                            f"{VENDORED / vendored_glob}")
 
 
 @pytest.fixture(scope="module")
