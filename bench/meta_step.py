@@ -9,6 +9,10 @@ backward + Adam step, 2 threads. Compared on the same config and the same number
                     for each item 3 inner steps on its modulations with ``create_graph=True``,
                     sum the losses, backward, Adam), with the same MetaSGD per-shift rates
 
+A further child alternates the three step by step (paired timings under the same load:
+on a shared machine the per-item loop, with its many tiny ops, suffers far more from
+stolen cores than the batched step, so unpaired medians can mislead).
+
 Every configuration runs in a fresh child process; peak memory is ``ru_maxrss`` at the
 end minus ``ru_maxrss`` after imports and setup (so it is the training step's own peak).
 A check child first verifies that the baseline computes the same loss and meta-gradient
@@ -229,6 +233,36 @@ def child_run(cfg: dict, impl: str, warmup: int, steps: int) -> dict:
             "all_finite": all(math.isfinite(v) for v in losses)}
 
 
+def child_interleaved(cfg: dict, warmup: int, rounds: int) -> dict:
+    """ours / loop / ours_ckpt steps alternated in one process: paired under the same load."""
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    rep = _build(cfg)
+    coords, targets = _data(cfg)
+    fns = {"baseline_loop": _baseline_step_fn(rep, coords, targets)[0],
+           "ours": _ours_step_fn(rep, coords, targets, checkpoint_steps=False)[0]}
+    rep_ck = _build(cfg)
+    fns["ours_ckpt"] = _ours_step_fn(rep_ck, coords, targets, checkpoint_steps=True)[0]
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    ratios = [b / o for b, o in zip(times["baseline_loop"], times["ours"], strict=True)]
+    ck = [c / o for c, o in zip(times["ours_ckpt"], times["ours"], strict=True)]
+    return {"median_s": {k: statistics.median(v) for k, v in times.items()},
+            "min_s": {k: min(v) for k, v in times.items()},
+            "times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+            "median_paired_ratio_loop_over_ours": statistics.median(ratios),
+            "median_paired_ratio_ckpt_over_ours": statistics.median(ck)}
+
+
 # -- parent side -------------------------------------------------------------------------
 
 
@@ -241,7 +275,8 @@ def _spawn(args: list[str], timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_config(name: str, warmup: int, steps: int, timeout: float) -> dict:
+def bench_config(name: str, warmup: int, steps: int, timeout: float,
+                 interleave: bool = True) -> dict:
     cfg = CONFIGS[name]
     print(f"[{name}] {cfg}", flush=True)
     res: dict = {"config": {**cfg, "items": BATCH, "inner_steps": INNER_STEPS, "w0": W0,
@@ -255,6 +290,12 @@ def bench_config(name: str, warmup: int, steps: int, timeout: float) -> dict:
         print(f"  {impl:<14} median {r['median_s']:.3f} s/step  (min {r['min_s']:.3f})  "
               f"peak +{r['peak_mb_over_baseline']:.0f} MB", flush=True)
     res["speedup_baseline_over_ours"] = res["baseline_loop"]["median_s"] / res["ours"]["median_s"]
+    if interleave:
+        il = _spawn(["--child-interleaved", name, str(warmup), str(steps)], timeout)
+        res["interleaved"] = il
+        print(f"  interleaved medians {il['median_s']}, paired loop/ours "
+              f"{il['median_paired_ratio_loop_over_ours']:.2f}x, ckpt/ours "
+              f"{il['median_paired_ratio_ckpt_over_ours']:.2f}x", flush=True)
     res["memory_ratio_ckpt_over_ours"] = (res["ours_ckpt"]["peak_mb_over_baseline"]
                                           / res["ours"]["peak_mb_over_baseline"])
     res["time_ratio_ckpt_over_ours"] = res["ours_ckpt"]["median_s"] / res["ours"]["median_s"]
@@ -272,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--child-check":
         print(json.dumps(child_check(CONFIGS[argv[1]])))
         return 0
+    if argv and argv[0] == "--child-interleaved":
+        print(json.dumps(child_interleaved(CONFIGS[argv[1]], int(argv[2]), int(argv[3]))))
+        return 0
     if argv and argv[0] == "--child":
         name, impl, warmup, steps = argv[1], argv[2], int(argv[3]), int(argv[4])
         print(json.dumps(child_run(CONFIGS[name], impl, warmup, steps)))
@@ -283,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run DESIGN §7's 9×256 Functa config on the 46×90 grid")
     ap.add_argument("--large-steps", type=int, default=None,
                     help="timed steps for the large config (default: --steps)")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="skip the paired (alternating) timing child")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     import torch
@@ -292,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
                           "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
               "peak_memory": "ru_maxrss of a fresh child at the end minus after imports/setup",
               "results": {}}
-    report["results"]["small"] = bench_config("small", args.warmup, args.steps, 1800)
+    report["results"]["small"] = bench_config("small", args.warmup, args.steps, 1800,
+                                              interleave=not args.no_interleave)
     if args.large:
         report["results"]["large"] = bench_config("large", args.warmup,
-                                                  args.large_steps or args.steps, 3600)
+                                                  args.large_steps or args.steps, 3600,
+                                                  interleave=not args.no_interleave)
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["wall_seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,7 @@ functions serve climate fields, shapes and scenes.
 
 from __future__ import annotations
 
-import base64
-import json
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -127,15 +124,40 @@ class EncodeReport:
     metrics: list[dict]
 
 
-def _pack(obj: Any) -> str:
-    return base64.b64encode(zlib.compress(json.dumps(obj).encode(), 9)).decode()
+def split_common(dicts: Sequence[dict]) -> tuple[dict, list[dict]]:
+    """Factor what all dicts share (recursively) out of them: metadata is paid once."""
+    if not dicts:
+        return {}, []
+    common: dict = {}
+    rest: list[dict] = [{} for _ in dicts]
+    for key in dicts[0]:
+        values = [d.get(key, _MISSING) for d in dicts]
+        if all(v == values[0] for v in values):
+            common[key] = values[0]
+        elif all(isinstance(v, dict) for v in values):
+            sub_common, sub_rest = split_common(values)
+            common[key] = sub_common
+            for r, sr in zip(rest, sub_rest, strict=True):
+                if sr:
+                    r[key] = sr
+        else:
+            for r, v in zip(rest, values, strict=True):
+                if v is not _MISSING:
+                    r[key] = v
+    for r, d in zip(rest, dicts, strict=True):
+        r.update({k: v for k, v in d.items() if k not in dicts[0]})
+    return common, rest
 
 
-def _unpack(text: str) -> Any:
-    try:
-        return json.loads(zlib.decompress(base64.b64decode(text)))
-    except (ValueError, zlib.error) as err:
-        raise bs.BitstreamError(f"item metadata is corrupted: {err}") from err
+def merge_common(common: dict, rest: dict) -> dict:
+    out = dict(common)
+    for k, v in rest.items():
+        out[k] = merge_common(out[k], v) if isinstance(v, dict) and isinstance(
+            out.get(k), dict) else v
+    return out
+
+
+_MISSING = object()
 
 
 def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
@@ -148,11 +170,12 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
     symbols, dequant = quantize_codes(ck, codes, bits)
     _, model = quantizer(ck, bits)
     payloads = [encode_symbols(s, model) for s in symbols]
-    templates = [modality.item_template(i) for i in items]
-    metas = [dict(s.meta) for s in signals]
+    metas = [dict(s.meta, template=modality.item_template(i)) for s, i in zip(
+        signals, items, strict=True)]
+    common, per_item = split_common(metas)
     data = bs.write_bitstream(checkpoint_hash=ck.sha256, modality=modality.name, bits=bits,
-                              items_meta=[{}] * len(items), payloads=payloads,
-                              extra={"items": _pack({"meta": metas, "template": templates})})
+                              items_meta=per_item, payloads=payloads,
+                              extra={"common": common})
     metrics = []
     if with_metrics:
         for s, code in zip(signals, dequant, strict=True):
@@ -169,14 +192,14 @@ def decode_stream(data: bytes, ck: Checkpoint, resolution: Any = None
     stream = bs.read_bitstream(data, expected_checkpoint_hash=ck.sha256)
     modality = get_modality(stream.modality)
     modality.load_state(ck.modality_state)
-    packed = _unpack(stream.extra.get("items", ""))
+    common = stream.extra.get("common", {})
     q, model = quantizer(ck, stream.bits)
     n_code = ck.rep.code_size()
     artifacts = []
     for i, payload in enumerate(stream.payloads):
         symbols = decode_symbols(payload, n_code, model)
         code = torch.from_numpy(q.dequantize(symbols[None])).float()[0]
-        meta = dict(packed["meta"][i], template=packed["template"][i])
+        meta = merge_common(common, stream.items_meta[i])
         artifacts.append(modality.reconstruct(meta, predictor(ck, modality, code), resolution))
     return modality, artifacts, stream
 

@@ -74,6 +74,22 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _compact_axis(values: np.ndarray) -> Any:
+    """A regular 1-D axis as {first, step, n} when that rebuilds it bit for bit."""
+    if values.ndim == 1 and values.size > 2 and values.dtype.kind == "f":
+        first, step = float(values[0]), float(values[1] - values[0])
+        if np.array_equal(_expand_axis({"first": first, "step": step, "n": values.size},
+                                       str(values.dtype)), values):
+            return {"first": first, "step": step, "n": int(values.size)}
+    return _jsonable(values)
+
+
+def _expand_axis(data: Any, dtype: str) -> np.ndarray:
+    if isinstance(data, dict):
+        return (data["first"] + data["step"] * np.arange(data["n"])).astype(dtype)
+    return np.asarray(data, dtype=dtype)
+
+
 def field_template(field: xr.DataArray) -> dict:
     """JSON description of a 2-D field without its values: enough to rebuild the artifact.
 
@@ -82,7 +98,7 @@ def field_template(field: xr.DataArray) -> dict:
     ds = field.to_dataset(name=str(field.name))
     ds = ds.drop_vars(str(field.name)).assign_coords()
     variables, _ = xr.conventions.cf_encoder(dict(ds.variables), {})
-    coords = {str(k): {"dims": list(v.dims), "data": _jsonable(np.asarray(v.values)),
+    coords = {str(k): {"dims": list(v.dims), "data": _compact_axis(np.asarray(v.values)),
                        "dtype": str(v.dtype),
                        "attrs": {a: _jsonable(b) for a, b in v.attrs.items()
                                  if a not in ("_FillValue", "missing_value")}}
@@ -93,9 +109,12 @@ def field_template(field: xr.DataArray) -> dict:
 
 def template_field(tmpl: dict) -> xr.DataArray:
     """Inverse of :func:`field_template`: a NaN-filled DataArray with the same metadata."""
-    variables = {k: xr.Variable(c["dims"], np.asarray(c["data"], dtype=c["dtype"]), c["attrs"])
+    variables = {k: xr.Variable(c["dims"], _expand_axis(c["data"], c["dtype"]), c["attrs"])
                  for k, c in tmpl["coords"].items()}
-    decoded = xr.decode_cf(xr.Dataset(coords=variables))
+    try:
+        decoded = xr.decode_cf(xr.Dataset(coords=variables))
+    except ValueError:  # times the reader also left undecoded (e.g. COADS year 0)
+        decoded = xr.decode_cf(xr.Dataset(coords=variables), decode_times=False)
     shape = tuple(decoded.sizes[d] for d in tmpl["dims"])
     return xr.DataArray(np.full(shape, np.nan, dtype=tmpl["dtype"]), dims=tmpl["dims"],
                         coords=decoded.coords, name=tmpl["name"], attrs=tmpl["attrs"])

@@ -88,6 +88,7 @@ def _reseal(body: bytes) -> bytes:
 
 def _forge(header: dict | bytes, payload: bytes = b"", version: int = FORMAT_VERSION) -> bytes:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    raw = zlib.compress(raw)  # the container stores the header JSON zlib-compressed
     return _reseal(MAGIC + struct.pack("<HI", version, len(raw)) + raw + payload)
 
 
@@ -359,6 +360,8 @@ def test_bitstream_error_messages():
     ):
         read_bitstream(data, expected_checkpoint_hash=CK_B)
     # checksum-valid but malformed headers
+    with pytest.raises(BitstreamError, match="not zlib-compressed"):
+        read_bitstream(_reseal(MAGIC + struct.pack("<HI", FORMAT_VERSION, 9) + b"{not zip}"))
     with pytest.raises(BitstreamError, match="malformed header JSON"):
         read_bitstream(_forge(b"{not json"))
     with pytest.raises(BitstreamError, match="malformed header JSON"):
