@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .methods import MetaSparseINR, MethodConfig, Representation, build_representation
+from .methods import MethodConfig, Representation, build_representation
 from .siren import SirenConfig
 
 FORMAT_VERSION = 1
@@ -50,8 +50,6 @@ def _config(ck: Checkpoint) -> dict:
         "modality_state": ck.modality_state,
         "info": ck.info,
     }
-    if isinstance(ck.rep, MetaSparseINR):
-        cfg["method_state"] = {"rounds_done": ck.rep.rounds_done}
     return cfg
 
 
@@ -155,8 +153,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except RuntimeError as err:
         raise CheckpointError(f"{path}: tensors do not match the architecture in its config "
                               f"({siren}): {err}") from err
-    if isinstance(rep, MetaSparseINR):
-        rep.rounds_done = int(cfg.get("method_state", {}).get("rounds_done", 0))
     rep.eval()
     return Checkpoint(rep, cfg["modality"], cfg.get("modality_state", {}), codec,
                       cfg.get("info", {}), file_sha256(path), path)

@@ -32,13 +32,13 @@ def deterministic_gates(log_alpha: Tensor) -> Tensor:
     return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
-def budget_mask(log_alpha: Tensor, k: int) -> Tensor:
-    """Binary mask of exactly the k most probable gates (ties broken by index)."""
-    flat = log_alpha.detach().reshape(-1)
-    if not 0 < k <= flat.numel():
-        raise ValueError(f"gate budget k={k} must be in 1..{flat.numel()}")
+def budget_mask(log_alpha: Tensor, k: int, batch_dims: int = 0) -> Tensor:
+    """Binary mask of exactly the k most probable gates (per item if ``batch_dims``)."""
+    flat = log_alpha.detach().reshape(*log_alpha.shape[:batch_dims], -1)
+    if not 0 < k <= flat.shape[-1]:
+        raise ValueError(f"gate budget k={k} must be in 1..{flat.shape[-1]}")
     mask = torch.zeros_like(flat)
-    mask[torch.topk(flat, k, sorted=False).indices] = 1.0
+    mask.scatter_(-1, torch.topk(flat, k, dim=-1, sorted=False).indices, 1.0)
     return mask.reshape(log_alpha.shape)
 
 
@@ -61,14 +61,14 @@ class HardConcreteGates(nn.Module):
         if self.budget is None:
             return z
         # Forward value is the exact budget mask; gradients reach log α as if sampled.
-        mask = budget_mask(self.log_alpha, self.budget)
+        mask = budget_mask(la_b, self.budget, batch_dims=la_b.dim() - self.log_alpha.dim())
         return mask + (z - z.detach()) * mask
 
     def test_gates(self, log_alpha: Tensor | None = None) -> Tensor:
         la = self.log_alpha if log_alpha is None else log_alpha
         if self.budget is None:
             return deterministic_gates(la)
-        return budget_mask(la, self.budget)
+        return budget_mask(la, self.budget, batch_dims=la.dim() - self.log_alpha.dim())
 
     def expected_l0(self) -> Tensor:
         return expected_l0(self.log_alpha)

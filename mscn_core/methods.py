@@ -306,7 +306,12 @@ class MetaSparseINR(Representation):
         super().__init__(siren, cfg, generator)
         for i, p in enumerate(self.net.params):
             self.register_buffer(f"keep{i}", torch.ones_like(p, dtype=torch.bool))
-        self.rounds_done = 0
+        # a buffer, so rollbacks and checkpoints restore it with the masks
+        self.register_buffer("pruning_rounds", torch.zeros((), dtype=torch.long))
+
+    @property
+    def rounds_done(self) -> int:
+        return int(self.pruning_rounds)
 
     def masks(self) -> list[Tensor]:
         return [getattr(self, f"keep{i}") for i in range(len(self.net.params))]
@@ -338,7 +343,7 @@ class MetaSparseINR(Representation):
             for p, m in weights:
                 m &= p.abs() > threshold
                 p.mul_(m)
-        self.rounds_done += 1
+        self.pruning_rounds += 1
         kept = sum(int(m.sum()) for m in self.masks())
         return f"pruning round {self.rounds_done}: {kept} parameters survive"
 
