@@ -235,7 +235,7 @@ def cmd_encode(args) -> int:
 
     ck, modality = _load(args)
     items = _read_items(modality, [args.file], args)
-    data, rep = encode_items(ck, modality, items, bits=args.bits)
+    data, rep = encode_items(ck, modality, items, bits=args.bits, metadata=args.metadata)
     save_bytes_atomic(data, args.output, overwrite=args.overwrite)
     print(json.dumps({"output": args.output, "items": len(items), "bytes": rep.n_bytes,
                       "payload_bytes": rep.payload_bytes, "values": rep.n_values,
@@ -253,12 +253,34 @@ def cmd_decode(args) -> int:
     ck = load_checkpoint(args.checkpoint)
     data = Path(args.file).read_bytes()
     modality, artifacts, stream = decode_stream(data, ck, args.resolution)
-    modality.save(artifacts, args.output, overwrite=args.overwrite)
     n_values = sum(math.prod(getattr(a, "shape", (0,))) for a in artifacts)
+    for a in artifacts:  # provenance travels with the artifact where it has attributes
+        if isinstance(getattr(a, "attrs", None), dict):
+            a.attrs["mscn_bits_per_value"] = 8 * len(data) / max(n_values, 1)
+            a.attrs["mscn_checkpoint_sha256"] = ck.sha256
+    modality.save(artifacts, args.output, overwrite=args.overwrite)
     print(json.dumps({"output": args.output, "items": stream.n_items, "bytes": len(data),
                       "bits": stream.bits, "modality": stream.modality,
                       "bits_per_value": 8 * len(data) / max(n_values, 1)}, indent=2))
     return 0
+
+
+def _globe_stats(truth, recon) -> dict:
+    """PSNR on the checkpoint's scaling (kept in the recon's attrs), RMSE, bits if decoded."""
+    import numpy as np
+
+    from mscn_viewers.globe import error_on_truth_grid
+
+    err = np.asarray(error_on_truth_grid(truth, recon).values, dtype=np.float64)
+    rmse = float(np.sqrt(np.nanmean(err**2)))
+    stats = {}
+    lo, hi = recon.attrs.get("mscn_scale_min"), recon.attrs.get("mscn_scale_max")
+    if lo is not None and hi is not None and rmse > 0:
+        stats["psnr"] = 20 * math.log10((float(hi) - float(lo)) / rmse)
+    stats["rmse"] = rmse
+    if "mscn_bits_per_value" in recon.attrs:
+        stats["bits_per_value"] = float(recon.attrs["mscn_bits_per_value"])
+    return stats
 
 
 def cmd_view_globe(args) -> int:
@@ -272,7 +294,8 @@ def cmd_view_globe(args) -> int:
         raise SystemExit(f"error: --index {args.index} out of range (0..{len(truth) - 1})")
     t = truth[args.index]
     r = recon[args.index] if len(recon) == len(truth) else recon[0]
-    path = render_globe(t, r, args.output, title=args.title, overwrite=args.overwrite)
+    path = render_globe(t, r, args.output, title=args.title, stats=_globe_stats(t, r),
+                        overwrite=args.overwrite)
     print(path)
     if args.gif:
         print(rotating_globe_gif(r, args.gif))
@@ -352,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_flags(s)
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--bits", type=int, default=6, help="quantisation bits 2..8 (default 6)")
+    s.add_argument("--metadata", choices=("full", "cf"), default="full",
+                   help="item metadata kept in the stream: every attribute (full) or the "
+                   "CF essentials only (cf: units, names, calendar; fewer bytes)")
     out_flags(s)
     s.set_defaults(func=cmd_encode)
 

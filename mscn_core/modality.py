@@ -49,8 +49,11 @@ class Modality:
     def to_signal(self, item: Any, resolution: Any = None) -> Signal:
         raise NotImplementedError
 
-    def item_template(self, item: Any) -> dict:
-        """JSON the decoder needs besides ``Signal.meta`` to rebuild the artifact."""
+    def item_template(self, item: Any, metadata: str = "full") -> dict:
+        """JSON the decoder needs besides ``Signal.meta`` to rebuild the artifact.
+
+        ``metadata="cf"`` asks for the essentials only (the plugin decides what they are).
+        """
         return {}
 
     def objective(self) -> Objective:

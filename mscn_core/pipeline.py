@@ -161,7 +161,8 @@ _MISSING = object()
 
 
 def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
-                 with_metrics: bool = True) -> tuple[bytes, EncodeReport]:
+                 with_metrics: bool = True, metadata: str = "full"
+                 ) -> tuple[bytes, EncodeReport]:
     """Adapt, quantise and entropy-code items into one .mscn stream."""
     if modality.name != ck.modality:
         raise ValueError(f"checkpoint is for modality {ck.modality!r}, not {modality.name!r}")
@@ -170,7 +171,7 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
     symbols, dequant = quantize_codes(ck, codes, bits)
     _, model = quantizer(ck, bits)
     payloads = [encode_symbols(s, model) for s in symbols]
-    metas = [dict(s.meta, template=modality.item_template(i)) for s, i in zip(
+    metas = [dict(s.meta, template=modality.item_template(i, metadata)) for s, i in zip(
         signals, items, strict=True)]
     common, per_item = split_common(metas)
     data = bs.write_bitstream(checkpoint_hash=ck.sha256, modality=modality.name, bits=bits,
@@ -214,13 +215,15 @@ def _as_checkpoint(checkpoint: Checkpoint | str) -> Checkpoint:
     return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
 
 
-def encode(items: Sequence[Any] | Any, checkpoint: Checkpoint | str, bits: int = 6) -> bytes:
+def encode(items: Sequence[Any] | Any, checkpoint: Checkpoint | str, bits: int = 6,
+           metadata: str = "full") -> bytes:
     """Items of the checkpoint's modality (e.g. 2-D DataArrays) → one .mscn stream."""
     ck = _as_checkpoint(checkpoint)
     modality = get_modality(ck.modality)
     modality.load_state(ck.modality_state)
     items = list(items) if isinstance(items, list | tuple) else [items]
-    return encode_items(ck, modality, items, bits=bits, with_metrics=False)[0]
+    return encode_items(ck, modality, items, bits=bits, with_metrics=False,
+                        metadata=metadata)[0]
 
 
 def decode(data: bytes, checkpoint: Checkpoint | str, resolution: Any = None) -> list[Any]:

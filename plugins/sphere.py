@@ -24,6 +24,7 @@ from mscn_core.signals import Signal
 
 try:  # the climate extra; without it the plugin reports a clear error when loaded
     import xarray as xr
+
     from mscn_datasets import climate
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"the sphere modality needs the climate extra "
@@ -90,7 +91,11 @@ def _expand_axis(data: Any, dtype: str) -> np.ndarray:
     return np.asarray(data, dtype=dtype)
 
 
-def field_template(field: xr.DataArray) -> dict:
+CF_ATTRS = ("units", "standard_name", "long_name", "axis", "calendar", "positive",
+            "_FillValue", "missing_value", "valid_min", "valid_max", "modulo")
+
+
+def field_template(field: xr.DataArray, metadata: str = "full") -> dict:
     """JSON description of a 2-D field without its values: enough to rebuild the artifact.
 
     Coordinates go through xarray's CF encoder so times become numbers with units.
@@ -103,8 +108,14 @@ def field_template(field: xr.DataArray) -> dict:
                        "attrs": {a: _jsonable(b) for a, b in v.attrs.items()
                                  if a not in ("_FillValue", "missing_value")}}
               for k, v in variables.items()}
+    keep = (lambda a: True) if metadata == "full" else (lambda a: a in CF_ATTRS)
+    if metadata not in ("full", "cf"):
+        raise ValueError(f"metadata must be 'full' or 'cf', got {metadata!r}")
+    for c in coords.values():
+        c["attrs"] = {a: v for a, v in c["attrs"].items() if keep(a)}
     return {"name": str(field.name), "dims": list(field.dims), "dtype": str(field.dtype),
-            "attrs": {a: _jsonable(b) for a, b in field.attrs.items()}, "coords": coords}
+            "attrs": {a: _jsonable(b) for a, b in field.attrs.items() if keep(a)},
+            "coords": coords}
 
 
 def template_field(tmpl: dict) -> xr.DataArray:
@@ -179,8 +190,9 @@ class SphereModality(Modality):
                       torch.from_numpy(scaled).float(),
                       None if finite.all() else torch.from_numpy(finite), meta)
 
-    def item_template(self, item: xr.DataArray) -> dict:
-        return field_template(item)
+    def item_template(self, item: xr.DataArray, metadata: str = "full") -> dict:
+        """``metadata="cf"`` keeps only CF attributes (units, names, calendar…): fewer bytes."""
+        return field_template(item, metadata)
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
         lo, hi = signal.meta["scale"]
@@ -222,6 +234,7 @@ class SphereModality(Modality):
             out = climate.field_to_dataarray(values, lat, lon, template)
         out.attrs = dict(template.attrs)
         out.attrs["mscn_reconstruction"] = "decoded from sparse modulations of a meta-learned SIREN"
+        out.attrs["mscn_scale_min"], out.attrs["mscn_scale_max"] = float(lo), float(hi)
         return out
 
     def save(self, artifact: xr.DataArray | list[xr.DataArray], path: str | os.PathLike,

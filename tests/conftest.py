@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from mscn_datasets import vendored_path
 
 ERA5 = vendored_path("era5_t_z_3deg_2017-01-01_float32.nc")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+
 from mscn_datasets import vendored_path
 from mscn_datasets.climate import (
     ClimateDataError,

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from mscn_viewers import globe
 from PIL import Image
+
+from mscn_viewers import globe
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "climate"
 VENDORED = Path(__file__).resolve().parents[1] / "datasets" / "data"

@@ -12,8 +12,6 @@ import pytest
 import torch
 import xarray as xr
 from conftest import ERA5
-from mscn_datasets import climate, vendored_path
-from mscn_plugins.sphere import SphereModality, sphere_coords
 
 from mscn_core.checkpoint import load_checkpoint
 from mscn_core.pipeline import (
@@ -25,6 +23,8 @@ from mscn_core.pipeline import (
     quantizer,
 )
 from mscn_core.registry import get_modality
+from mscn_datasets import climate, vendored_path
+from mscn_plugins.sphere import SphereModality, sphere_coords
 
 COADS = vendored_path("coads_sst_airt_2deg_jan-mar.nc")
 
