@@ -36,7 +36,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, skip=()) 
         if f.name in skip:
             continue
         kw = {"type": _flag_type(hints[f.name]), "default": f.default,
-              "help": f"(default: {f.default})"}
+              "metavar": f.name.upper(), "help": f"(default: {f.default})"}
         if f.name == "method":
             kw["choices"] = METHODS
         group.add_argument("--" + f.name.replace("_", "-"), dest=f"{title}.{f.name}", **kw)
@@ -121,6 +121,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _identity(item) -> str:
+    """Which item this is (scalar coordinates and name), to keep splits disjoint."""
+    coords = getattr(item, "coords", None)
+    if coords is None:
+        return str(id(item))
+    scal = sorted((str(k), str(v.values)) for k, v in coords.items() if v.ndim == 0)
+    return f"{getattr(item, 'name', '')}|{scal}|{getattr(item, 'shape', '')}"
+
+
 def cmd_meta_train(args) -> int:
     import random
 
@@ -134,7 +143,10 @@ def cmd_meta_train(args) -> int:
     if args.val_sel:
         val = _read_items(modality, args.val_data or args.data,
                           argparse.Namespace(var=args.var, sel=(args.sel or []) + args.val_sel))
-        train = items
+        held = {_identity(v) for v in val}
+        train = [i for i in items if _identity(i) not in held]  # never train on validation
+        if not train:
+            raise SystemExit("error: every training item is also a validation item")
     else:
         order = list(range(len(items)))
         random.Random(args.seed_split).shuffle(order)

@@ -295,3 +295,25 @@ def test_view_globe_cli_writes_a_png(tiny_sphere_checkpoint, tmp_path):
 def test_climate_reader_keeps_the_shipped_names():
     fields = climate.field_items([ERA5], var="t", sel={"isobaricInhPa": 850})
     assert len(fields) == 40 and fields[0].dims == ("latitude", "longitude")
+
+
+def test_meta_train_cli_then_inspect(tmp_path):
+    ck = tmp_path / "cli.safetensors"
+    log = tmp_path / "train.jsonl"
+    r = _mscn("meta-train", "--data", ERA5, "--var", "t", "--sel", "isobaricInhPa=500",
+              "--sel", "number=0,1", "--val-sel", "number=1", "--depth", "3", "--width", "16",
+              "--budget", "8", "--outer-steps", "4", "--outer-lr", "1e-3", "--batch-size", "2",
+              "--points-per-item", "128", "--val-every", "2", "--progress", "false",
+              "--log-path", log, "-o", ck)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps_run"] == 4
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any("val_loss" in rec for rec in records)
+    r = _mscn("inspect", ck)
+    assert r.returncode == 0, r.stderr
+    assert "budget 8" in r.stdout and "code size   8" in r.stdout and "t[K]" in r.stdout
+    r = _mscn("inspect", ck, "--json")
+    info = json.loads(r.stdout)
+    assert info["info"]["n_train"] == 4 and info["info"]["n_val"] == 4  # member 1 held out
+    r = _mscn("inspect", ERA5)
+    assert r.returncode == 2 and "not" in r.stderr and "checkpoint" in r.stderr
