@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/mscn fit $(DATA) $(HELD) --checkpoint $(CKPT) --resolution 1 -o $(OUT)/t850_recon_1deg.nc --overwrite
 	$(BIN)/mscn encode $(DATA) $(HELD) --checkpoint $(CKPT) --bits 6 -o $(OUT)/t850.mscn --overwrite
 	$(BIN)/mscn decode $(OUT)/t850.mscn --checkpoint $(CKPT) -o $(OUT)/t850_decoded.nc --overwrite
-	$(BIN)/mscn view globe $(DATA) $(OUT)/t850_recon.nc $(HELD) --index 0 -o $(OUT)/t850_globe.png --overwrite
+	$(BIN)/mscn view globe $(DATA) $(OUT)/t850_decoded.nc $(HELD) --index 0 -o $(OUT)/t850_globe.png --overwrite
 	$(BIN)/mscn view globe $(DATA) $(OUT)/t850_recon_1deg.nc $(HELD) --index 0 -o $(OUT)/t850_globe_1deg.png --overwrite
 	@echo "demo outputs in $(OUT)/"
 
