@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+
 from mscn_datasets.climate import open_climate
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
