@@ -884,6 +884,7 @@ def write_netcdf(
     ds.attrs.setdefault("Conventions", "CF-1.8")
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.chmod(tmp_name, _default_mode())  # mkstemp makes 0600; users expect 0644
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -894,3 +895,10 @@ def write_netcdf(
         tmp.unlink(missing_ok=True)
         raise
     return p
+
+
+def _default_mode() -> int:
+    """0o666 minus the process umask: what a plain ``open()`` would have created."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

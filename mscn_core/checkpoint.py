@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from .bitstream import save_bytes_atomic
 from .methods import MethodConfig, Representation, build_representation
 from .siren import SirenConfig
 
@@ -61,25 +61,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Write to a temp file beside ``path`` and rename: never a half-written file."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of all tensors (detects altered data)."""
     h = hashlib.sha256()
@@ -96,7 +77,8 @@ def save_checkpoint(ck: Checkpoint, path: str | os.PathLike, overwrite: bool = T
     tensors.update({f"codec.{k}": v.detach().cpu().contiguous() for k, v in ck.codec.items()})
     data = st_save(tensors, metadata={_META_KEY: json.dumps(_config(ck)),
                                       _DIGEST_KEY: tensors_digest(tensors)})
-    atomic_write_bytes(data, path, overwrite=overwrite)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_bytes_atomic(data, path, overwrite=overwrite)
     ck.sha256 = hashlib.sha256(data).hexdigest()
     ck.path = Path(path)
     return ck.sha256

@@ -234,9 +234,9 @@ def cmd_evaluate(args) -> int:
               "mean": _summary(all_metrics)}
     text = json.dumps(report, indent=2)
     if args.output:
-        from .checkpoint import atomic_write_bytes
+        from .bitstream import save_bytes_atomic
 
-        atomic_write_bytes(text.encode(), args.output, overwrite=args.overwrite)
+        save_bytes_atomic(text.encode(), args.output, overwrite=args.overwrite)
     print(text if args.verbose or not args.output else json.dumps(report["mean"], indent=2))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -178,6 +179,12 @@ class SphereModality(Modality):
     def to_signal(self, item: xr.DataArray, resolution: Any = None) -> Signal:
         values, lat, lon, _ = climate.normalize_field(item)
         lo, hi, how = self.scale_for(item)
+        vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
+        if vmin < lo - 0.1 * (hi - lo) or vmax > hi + 0.1 * (hi - lo):
+            warnings.warn(f"{item.name} {climate._item_label(item)} spans [{vmin:.4g}, "
+                          f"{vmax:.4g}], outside the checkpoint's training range [{lo:.4g}, "
+                          f"{hi:.4g}]: expect a poor fit (the checkpoint has not seen such "
+                          "fields)", stacklevel=2)
         finite = np.isfinite(values).reshape(-1)
         scaled = ((np.nan_to_num(values, nan=lo) - lo) / (hi - lo)).reshape(-1, 1)
         meta = {"variable": str(item.name), "units": str(item.attrs.get("units", "")),

@@ -17,21 +17,14 @@ cc = importlib.import_module("classical_codecs")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "climate"
 ERA5 = SHARED / "era5_t_z_3deg_2017-01-01.nc"
+VENDORED_ERA5 = "era5_t_z_3deg_2017-01-01_float32.nc"
 
 
 def _load_real_field() -> tuple[np.ndarray, str]:
-    if ERA5.exists():
-        field, _ = cc.load_field(ERA5, "t", index=0)  # t[0, 0, 0]: member 0, time 0, 850 hPa
-        return field, f"{ERA5.name}:t[0,0,0]"
-    import xarray as xr
-
-    for path in sorted((REPO / "datasets" / "data").glob("*.nc")):
-        with xr.open_dataset(path, decode_times=False) as ds:
-            names = [n for n, v in ds.data_vars.items() if v.ndim >= 2 and v.dtype.kind == "f"]
-        if names:
-            field, _ = cc.load_field(path, names[0], index=0)
-            return field, f"{path.name}:{names[0]}"
-    raise FileNotFoundError("no real climate field: vendored datasets/data/*.nc is missing")
+    """ERA5 t850 member 0, time 0: from ../shared, else the vendored subset of the same file."""
+    path = ERA5 if ERA5.exists() else REPO / "datasets" / "data" / VENDORED_ERA5
+    field, _ = cc.load_field(path, "t", index=0)  # t[0, 0, 0]: member 0, time 0, 850 hPa
+    return field, f"{path.name}:t[0,0,0]"
 
 
 @pytest.fixture(scope="module")

@@ -510,6 +510,7 @@ def _atomic_write(path, write: Callable[[str], None], overwrite: bool) -> Path:
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix
     )
+    os.chmod(tmp, _default_mode())  # mkstemp makes 0600; users expect 0644
     os.close(fd)
     try:
         write(tmp)
@@ -816,3 +817,10 @@ def rotating_globe_gif(
         )
 
     return _atomic_write(path, write, overwrite)
+
+
+def _default_mode() -> int:
+    """0o666 minus the process umask: what a plain ``open()`` would have created."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
