@@ -85,6 +85,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(jsonable(obj), f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,7 +107,8 @@ def field_label(field) -> str:
     for k in ("number", "time", "isobaricInhPa"):
         if k in field.coords and field.coords[k].ndim == 0:
             v = field.coords[k].values
-            parts.append(f"{k}={np.datetime_as_string(v, unit='h') if k == 'time' else v}")
+            is_date = np.asarray(v).dtype.kind == "M"
+            parts.append(f"{k}={np.datetime_as_string(v, unit='h') if is_date else v}")
     return ",".join(parts) or str(field.name)
 
 
