@@ -60,6 +60,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget-checkpoints", default=str(C.RESULTS / "ckpt_budget*.safetensors"),
                     help="glob of extra MSCN checkpoints (from sphere_quality.py)")
     ap.add_argument("--bits", default="2,3,4,5,6,8")
+    ap.add_argument("--metadata", choices=("full", "cf"), default="full",
+                    help="item metadata in the stream (cf: CF attributes only, fewer bytes)")
     ap.add_argument("--ood-classical-fields", type=int, default=2,
                     help="t500 fields swept by the classical codecs (context only)")
     ap.add_argument("--no-other-files", action="store_true")
@@ -100,7 +102,7 @@ def mscn_points(ck, name: str, fields, bits_list, dataset: str) -> list[dict]:
     points = []
     for bits in bits_list:
         t0 = time.perf_counter()
-        data, rep = P.encode_items(ck, m, fields, bits=bits)
+        data, rep = P.encode_items(ck, m, fields, bits=bits, metadata=METADATA)
         t_enc = time.perf_counter() - t0
         _, artifacts, stream = P.decode_stream(data, ck)
         # container: 10-byte prefix (magic, version, header_len) + zlib header + payloads + CRC
@@ -343,8 +345,13 @@ def plot(points: list[dict], path: Path, panels: list[tuple[str, str]],
     tmp.replace(path)
 
 
+METADATA = "full"  # set from --metadata in main()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    global METADATA
+    METADATA = args.metadata
     C.setup_torch(args.threads)
     from mscn_core.checkpoint import load_checkpoint
     from mscn_core.registry import get_modality
