@@ -5,6 +5,8 @@ backward + Adam step, 2 threads. Compared on the same config and the same number
 
 * ``ours``          mscn_core: ``adapt(..., training=True)`` batched over items, backward, Adam
 * ``ours_ckpt``     the same with per-step gradient checkpointing (``checkpoint_steps=True``)
+* ``grad-bmm`` / ``grad-vmap``  mscn-grad (§3.3.1) with per-item gradients batched by
+                    one grad over (B, out, in) weights vs torch.func vmap(grad(functional_call))
 * ``baseline_loop`` a straightforward PyTorch MAML written here (COIN++-style per-item loop:
                     for each item 3 inner steps on its modulations with ``create_graph=True``,
                     sum the losses, backward, Adam), with the same MetaSGD per-shift rates
@@ -50,6 +52,13 @@ CONFIGS = {
     # 9 sine layers × 256, 46×90 grid, Functa with a 64-d latent
     "large": {"depth": 10, "width": 256, "method": "functa", "points": "grid46x90",
               "latent_dim": 64},
+    # §3.3.1 (mscn-grad: every weight's inner update gated, per-item weights) with the two
+    # ways of batching per-item gradients: one autograd.grad over (B, out, in) weights
+    # (batched matmuls) vs torch.func vmap(grad(functional_call)).
+    "grad-bmm": {"depth": 5, "width": 128, "method": "mscn-grad", "points": "sphere4096",
+                 "latent_dim": None, "grad_impl": "bmm"},
+    "grad-vmap": {"depth": 5, "width": 128, "method": "mscn-grad", "points": "sphere4096",
+                  "latent_dim": None, "grad_impl": "vmap"},
 }
 BATCH, INNER_STEPS, W0 = 8, 3, 30.0
 
@@ -89,7 +98,8 @@ def _build(cfg: dict):
     siren = SirenConfig(in_dim=3, out_dim=1, width=cfg["width"], depth=cfg["depth"], w0=W0,
                         w0_first=W0)
     mcfg = MethodConfig(method=cfg["method"], inner_steps=INNER_STEPS, budget=None,
-                        latent_dim=cfg["latent_dim"] or 256)
+                        latent_dim=cfg["latent_dim"] or 256,
+                        grad_impl=cfg.get("grad_impl", "bmm"))
     return build_representation(siren, mcfg, torch.Generator().manual_seed(0))
 
 
@@ -308,6 +318,22 @@ def bench_config(name: str, warmup: int, steps: int, timeout: float,
     return res
 
 
+def bench_grad_impls(warmup: int, steps: int, timeout: float) -> dict:
+    """mscn-grad outer step: batched-matmul per-item gradients vs torch.func vmap."""
+    res: dict = {}
+    for name in ("grad-bmm", "grad-vmap"):
+        r = _spawn(["--child", name, "ours", str(warmup), str(steps)], timeout)
+        res[name] = {"config": CONFIGS[name], **r}
+        print(f"  {name:<10} median {r['median_s']:.3f} s/step  (min {r['min_s']:.3f})  "
+              f"peak +{r['peak_mb_over_baseline']:.0f} MB", flush=True)
+    res["time_ratio_vmap_over_bmm"] = res["grad-vmap"]["median_s"] / res["grad-bmm"]["median_s"]
+    res["memory_ratio_vmap_over_bmm"] = (res["grad-vmap"]["peak_mb_over_baseline"]
+                                         / res["grad-bmm"]["peak_mb_over_baseline"])
+    print(f"  mscn-grad vmap/bmm: time x{res['time_ratio_vmap_over_bmm']:.2f}, memory "
+          f"x{res['memory_ratio_vmap_over_bmm']:.2f}", flush=True)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child-check":
@@ -329,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="timed steps for the large config (default: --steps)")
     ap.add_argument("--no-interleave", action="store_true",
                     help="skip the paired (alternating) timing child")
+    ap.add_argument("--no-grad-impls", action="store_true",
+                    help="skip the mscn-grad bmm vs torch.func vmap comparison")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     import torch
@@ -340,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
               "results": {}}
     report["results"]["small"] = bench_config("small", args.warmup, args.steps, 1800,
                                               interleave=not args.no_interleave)
+    if not args.no_grad_impls:
+        print("[mscn-grad per-item gradients: bmm vs torch.func vmap]", flush=True)
+        report["results"]["mscn_grad_impls"] = bench_grad_impls(args.warmup, args.steps, 1800)
     if args.large:
         report["results"]["large"] = bench_config("large", args.warmup,
                                                   args.large_steps or args.steps, 3600,

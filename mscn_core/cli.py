@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
+import re
 import sys
 import types
 import typing
 from pathlib import Path
 
 from .meta import TrainConfig
-from .methods import METHODS, MethodConfig
+from .methods import GRAD_IMPLS, METHODS, MethodConfig
 from .siren import SirenConfig
 
 # -- dataclass ⇄ argparse: every config field is a flag, defaults are the paper's --------
@@ -29,16 +31,32 @@ def _flag_type(tp):
     return tp
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each dataclass field: one place documents a setting."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    for m in re.finditer(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+        docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, skip=()) -> None:
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        doc = docs.get(f.name, "").replace("%", "%%")
         kw = {"type": _flag_type(hints[f.name]), "default": f.default,
-              "metavar": f.name.upper(), "help": f"(default: {f.default})"}
-        if f.name == "method":
-            kw["choices"] = METHODS
+              "metavar": f.name.upper(), "help": f"{doc} (default: {f.default})".lstrip()}
+        choices = {"method": METHODS, "grad_impl": GRAD_IMPLS}.get(f.name)
+        if choices:
+            kw["choices"] = choices
+            del kw["metavar"]  # argparse then shows {a,b,…}
         group.add_argument("--" + f.name.replace("_", "-"), dest=f"{title}.{f.name}", **kw)
 
 

@@ -59,10 +59,17 @@ def adapt(rep: Representation, coords: Tensor, targets: Tensor, weights: Tensor 
     names = list(state)
     create_graph = training and not first_order
 
+    per_item_grads = _vmap_grads(rep, ctx, objective) if rep.cfg.grad_impl == "vmap" else None
+
     def step(*tensors: Tensor) -> tuple[Tensor, ...]:
-        st = dict(zip(names, tensors, strict=True))
-        loss = _loss(rep, st, ctx, coords, targets, weights, objective).sum()
-        grads = torch.autograd.grad(loss, tensors, create_graph=create_graph)
+        if per_item_grads is not None:
+            grads = per_item_grads(tensors, coords, targets, weights)
+            if not create_graph:
+                grads = tuple(g.detach() for g in grads)
+        else:
+            st = dict(zip(names, tensors, strict=True))
+            loss = _loss(rep, st, ctx, coords, targets, weights, objective).sum()
+            grads = torch.autograd.grad(loss, tensors, create_graph=create_graph)
         rates = rep.inner_rates(ctx)
         return tuple(t - rates[n] * g for n, t, g in zip(names, tensors, grads, strict=True))
 
@@ -76,6 +83,27 @@ def adapt(rep: Representation, coords: Tensor, targets: Tensor, weights: Tensor 
             if not training:
                 tensors = tuple(t.detach().requires_grad_(True) for t in tensors)
     return dict(zip(names, tensors, strict=True)), ctx
+
+
+def _vmap_grads(rep: Representation, ctx: dict[str, Tensor], objective: Objective):
+    """Per-item inner gradients as ``vmap(grad(loss of functional_call(net, θ_i)))``.
+
+    §3.3.1 as the paper states it: each item's own copy of the weights, called through
+    ``torch.func.functional_call`` on the shared module. Differentiable by the outer
+    autograd (second-order meta-gradients), like the batched-matmul path it replaces.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    param_names = [name for name, _ in rep.net.named_parameters()]
+
+    def item_loss(params: tuple[Tensor, ...], coords: Tensor, targets: Tensor,
+                  weights: Tensor) -> Tensor:
+        raw = functional_call(rep.net, dict(zip(param_names, params, strict=True)),
+                              (coords.unsqueeze(0),))
+        pred = objective.transform(raw)
+        return objective.loss(pred, targets.unsqueeze(0), weights.unsqueeze(0)).sum()
+
+    return vmap(grad(item_loss))
 
 
 def fit_from_scratch(rep: Coin, coords: Tensor, targets: Tensor, weights: Tensor,
@@ -110,23 +138,23 @@ def fit_from_scratch(rep: Coin, coords: Tensor, targets: Tensor, weights: Tensor
 class TrainConfig:
     """Outer loop; defaults follow the paper (Adam 3e-6) with the guards of DESIGN §8."""
 
-    outer_steps: int = 1000
-    outer_lr: float = 3e-6
-    batch_size: int = 32
-    points_per_item: int = 4096
-    first_order: bool = False
+    outer_steps: int = 1000  # outer (meta) optimisation steps
+    outer_lr: float = 3e-6  # outer Adam learning rate (the paper's 3e-6)
+    batch_size: int = 32  # items per outer step
+    points_per_item: int = 4096  # coordinates sampled per item and outer step
+    first_order: bool = False  # drop second-order terms of the meta-gradient
     checkpoint_steps: bool = False  # per-step gradient checkpointing (less memory)
     grad_clip: float = 1.0  # global gradient-norm clip
     ema_decay: float | None = None  # EMA of meta-parameters, used for validation and saving
-    val_every: int = 50
-    val_points: int = 4096
+    val_every: int = 50  # outer steps between validations (keep-best, rollback)
+    val_points: int = 4096  # coordinates per validation item
     divergence_factor: float = 2.0  # val loss above factor × best → roll back, halve the rate
-    max_rollbacks: int = 6
-    seed: int = 0
-    device: str = "cpu"
-    bf16: bool = False
-    log_path: str | None = None
-    progress: bool = True
+    max_rollbacks: int = 6  # give up after this many divergence rollbacks
+    seed: int = 0  # seeds init, batches, points and gates
+    device: str = "cpu"  # torch device: cpu, cuda, cuda:1, …
+    bf16: bool = False  # bfloat16 autocast for the forward passes
+    log_path: str | None = None  # JSONL of per-step metrics
+    progress: bool = True  # progress bar
 
 
 @dataclass

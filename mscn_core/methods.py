@@ -18,16 +18,18 @@ from .gates import HardConcreteGates, deterministic_gates, sample_gates
 from .siren import GatedSiren, SirenConfig, layer_shapes, siren_forward, siren_init
 
 METHODS = ("mscn", "mscn-grad", "functa", "metasgd-dense", "metasparseinr", "coin")
+PER_ITEM_WEIGHT_METHODS = ("mscn-grad", "metasparseinr")
+GRAD_IMPLS = ("bmm", "vmap")
 
 
 @dataclass
 class MethodConfig:
     """Meta-learning settings; defaults follow the paper (MetaSGD, 3 inner steps)."""
 
-    method: str = "mscn"
-    inner_steps: int = 3
+    method: str = "mscn"  # structured MSCN or a baseline; mscn-grad = §3.3.1 sparse weight updates
+    inner_steps: int = 3  # MetaSGD inner steps per item (training and fitting)
     lr_init_low: float = 0.005  # MetaSGD rates ~ U(low, high), clipped to (0, 1)
-    lr_init_high: float = 0.1
+    lr_init_high: float = 0.1  # upper end of the initial MetaSGD rates
     budget: int | None = 256  # exact number of non-zero modulations (None: L0 penalty only)
     l0_weight: float = 0.0  # λ on E[L0]
     gate_keep_prob: float = 0.9  # initial P(gate ≠ 0)
@@ -37,13 +39,23 @@ class MethodConfig:
     maml_lr: float = 1e-2  # metasparseinr: plain MAML inner SGD rate
     prune_fraction: float = 0.2  # metasparseinr: fraction of survivors pruned per round
     prune_every: int = 100  # metasparseinr: outer steps between pruning rounds
-    prune_rounds: int = 5
+    prune_rounds: int = 5  # metasparseinr: number of pruning rounds
     coin_steps: int = 1000  # coin: Adam steps from scratch per item
-    coin_lr: float = 1e-4
+    coin_lr: float = 1e-4  # coin: Adam rate
+    # How per-item inner gradients of per-item weights are batched (same numbers; timed by
+    # bench/meta_step.py): "bmm" = one autograd.grad over (B, out, in) weights, "vmap" =
+    # torch.func vmap(grad(functional_call)).
+    grad_impl: str = "bmm"  # mscn-grad/metasparseinr: bmm (batched matmuls) or vmap (torch.func)
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.grad_impl not in GRAD_IMPLS:
+            raise ValueError(f"unknown grad_impl {self.grad_impl!r}; choose one of "
+                             f"{', '.join(GRAD_IMPLS)}")
+        if self.grad_impl == "vmap" and self.method not in PER_ITEM_WEIGHT_METHODS:
+            raise ValueError(f"grad_impl='vmap' applies to the per-item weight methods "
+                             f"({', '.join(PER_ITEM_WEIGHT_METHODS)}), not {self.method!r}")
         if self.inner_steps < 0:
             raise ValueError("inner_steps must be >= 0")
         if not 0 < self.lr_init_low <= self.lr_init_high < 1:

@@ -18,12 +18,12 @@ from torch import Tensor, nn
 class SirenConfig:
     """Architecture; defaults are the paper's 15×512, w0=30 network (DESIGN §3)."""
 
-    in_dim: int = 3
-    out_dim: int = 1
-    width: int = 512
+    in_dim: int = 3  # coordinate dimension (set by the modality)
+    out_dim: int = 1  # output channels (set by the modality)
+    width: int = 512  # units per hidden layer
     depth: int = 15  # layers including the linear output layer: depth-1 sine layers
-    w0: float = 30.0  # hidden layers
-    w0_first: float = 30.0  # first layer
+    w0: float = 30.0  # SIREN frequency of the hidden layers
+    w0_first: float = 30.0  # SIREN frequency of the first layer
     output_offset: float = 0.5  # Functa / COIN++ offset on the linear output
 
     @property
