@@ -20,7 +20,11 @@ end minus ``ru_maxrss`` after imports and setup (so it is the training step's ow
 A check child first verifies that the baseline computes the same loss and meta-gradient
 as ours (so the comparison is of implementations, not of different maths).
 
-Usage: ``python bench/meta_step.py [--large] [--steps N]``; writes bench/results/meta_step.json.
+Every child runs under the same allocator: tcmalloc by default (what ``mscn`` itself uses,
+mscn_core/allocator.py), ``--allocator glibc`` for the system default.
+
+Usage: ``python bench/meta_step.py [--large] [--steps N] [--allocator glibc]``;
+writes bench/results/meta_step.json.
 """
 
 from __future__ import annotations
@@ -237,7 +241,10 @@ def child_run(cfg: dict, impl: str, warmup: int, steps: int) -> dict:
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    return {"impl": impl, "median_s": statistics.median(times), "min_s": min(times),
+    from mscn_core.allocator import active_allocator
+
+    return {"impl": impl, "allocator": active_allocator(),
+            "median_s": statistics.median(times), "min_s": min(times),
             "times_s": [round(t, 4) for t in times], "peak_mb_over_baseline": _rss_mb() - base_rss,
             "baseline_rss_mb": base_rss, "final_loss": losses[-1],
             "all_finite": all(math.isfinite(v) for v in losses)}
@@ -276,8 +283,17 @@ def child_interleaved(cfg: dict, warmup: int, rounds: int) -> dict:
 # -- parent side -------------------------------------------------------------------------
 
 
+ALLOCATOR = {"name": "tcmalloc"}  # set by main(); every child of one run uses the same
+
+
 def _spawn(args: list[str], timeout: float) -> dict:
+    from mscn_core.allocator import preload_env
+
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    if ALLOCATOR["name"] == "tcmalloc":
+        env = preload_env(env)
+    else:
+        env.pop("LD_PRELOAD", None)
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if out.returncode != 0:
@@ -357,13 +373,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the paired (alternating) timing child")
     ap.add_argument("--no-grad-impls", action="store_true",
                     help="skip the mscn-grad bmm vs torch.func vmap comparison")
+    ap.add_argument("--allocator", choices=("tcmalloc", "glibc"), default="tcmalloc",
+                    help="allocator of every child (tcmalloc is what `mscn` uses when the "
+                         "system has it; see mscn_core/allocator.py)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     import torch
 
+    from mscn_core.allocator import tcmalloc_path
+
+    if args.allocator == "tcmalloc" and tcmalloc_path() is None:
+        ap.error("tcmalloc is not installed (Debian: libtcmalloc-minimal4); use --allocator glibc")
+    ALLOCATOR["name"] = args.allocator
+
     t0 = time.perf_counter()
     report = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+              "allocator": args.allocator,
               "peak_memory": "ru_maxrss of a fresh child at the end minus after imports/setup",
               "results": {}}
     report["results"]["small"] = bench_config("small", args.warmup, args.steps, 1800,

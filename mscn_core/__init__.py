@@ -1,14 +1,42 @@
-"""mscn_core: the modality-agnostic engine of Meta-Learning Sparse Compression Networks."""
+"""mscn_core: the modality-agnostic engine of Meta-Learning Sparse Compression Networks.
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .meta import Objective, TrainConfig, adapt, meta_train
-from .methods import METHODS, MethodConfig, build_representation
-from .modality import Modality
-from .pipeline import decode, encode
-from .signals import Signal
-from .siren import GatedSiren, SirenConfig
+Attributes load lazily (PEP 562), so ``import mscn_core`` and the ``mscn`` launcher stay
+light until torch is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["Checkpoint", "GatedSiren", "METHODS", "MethodConfig", "Modality", "Objective",
-           "Signal", "SirenConfig", "TrainConfig", "adapt", "build_representation", "decode",
-           "encode", "load_checkpoint", "meta_train", "save_checkpoint"]
+
+_EXPORTS = {
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "Objective": "meta", "TrainConfig": "meta", "adapt": "meta", "meta_train": "meta",
+    "METHODS": "methods", "MethodConfig": "methods", "build_representation": "methods",
+    "Modality": "modality", "decode": "pipeline", "encode": "pipeline", "Signal": "signals",
+    "GatedSiren": "siren", "SirenConfig": "siren",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
+    from .meta import Objective, TrainConfig, adapt, meta_train  # noqa: F401
+    from .methods import METHODS, MethodConfig, build_representation  # noqa: F401
+    from .modality import Modality  # noqa: F401
+    from .pipeline import decode, encode  # noqa: F401
+    from .signals import Signal  # noqa: F401
+    from .siren import GatedSiren, SirenConfig  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

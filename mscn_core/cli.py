@@ -151,6 +151,7 @@ def _identity(item) -> str:
 def cmd_meta_train(args) -> int:
     import random
 
+    from .allocator import active_allocator
     from .checkpoint import save_checkpoint
     from .pipeline import train_checkpoint
 
@@ -180,7 +181,8 @@ def cmd_meta_train(args) -> int:
                           info={"data": [str(p) for p in args.data], "var": args.var,
                                 "sel": args.sel, "command": " ".join(sys.argv)})
     digest = save_checkpoint(ck, out, overwrite=True)
-    print(json.dumps({"checkpoint": str(out), "sha256": digest, **ck.info["train"]}, indent=2))
+    print(json.dumps({"checkpoint": str(out), "sha256": digest, **ck.info["train"],
+                      "allocator": active_allocator()}, indent=2))
     return 0
 
 
@@ -449,4 +451,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mscn_core.entry import console
+
+    console()

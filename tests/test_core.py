@@ -571,3 +571,16 @@ def test_every_config_flag_has_a_help_text(capsys):
     assert "--grad-impl {bmm,vmap}" in text
     assert "items per outer step (default: 32)" in text
     assert "exact number of non-zero modulations (None: L0 penalty only) (default: 256)" in text
+
+
+def test_allocator_preload_and_opt_out(monkeypatch):
+    """The launcher's environment: tcmalloc prepended once, never with MSCN_ALLOCATOR=glibc."""
+    from mscn_core import allocator
+
+    monkeypatch.setattr(allocator, "tcmalloc_path", lambda: "/opt/lib/libtcmalloc_minimal.so.4")
+    env = allocator.preload_env({"LD_PRELOAD": "/x/libfoo.so"})
+    assert env["LD_PRELOAD"] == "/opt/lib/libtcmalloc_minimal.so.4 /x/libfoo.so"
+    assert allocator.preload_env(env)["LD_PRELOAD"] == env["LD_PRELOAD"]  # idempotent
+    assert "LD_PRELOAD" not in allocator.preload_env({"MSCN_ALLOCATOR": "glibc"})
+    monkeypatch.setattr(allocator, "tcmalloc_path", lambda: None)
+    assert "LD_PRELOAD" not in allocator.preload_env({})

@@ -13,6 +13,7 @@ import torch
 import xarray as xr
 from conftest import ERA5
 
+from mscn_core.allocator import tcmalloc_path
 from mscn_core.checkpoint import load_checkpoint
 from mscn_core.pipeline import (
     adapt_codes,
@@ -30,7 +31,7 @@ COADS = vendored_path("coads_sst_airt_2deg_jan-mar.nc")
 
 
 def _mscn(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mscn_core.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "mscn_core", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -306,7 +307,10 @@ def test_meta_train_cli_then_inspect(tmp_path):
               "--points-per-item", "128", "--val-every", "2", "--progress", "false",
               "--log-path", log, "-o", ck)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["steps_run"] == 4
+    summary = json.loads(r.stdout)
+    assert summary["steps_run"] == 4
+    # `mscn` runs under tcmalloc whenever the system has it (setup.sh installs it)
+    assert summary["allocator"] == ("tcmalloc" if tcmalloc_path() else "glibc")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert any("val_loss" in rec for rec in records)
     r = _mscn("inspect", ck)
