@@ -1,7 +1,8 @@
 """MetaSGD inner loop and the guarded outer loop (DESIGN §2, §8).
 
 The inner loop is batched over items: one ``autograd.grad`` of the summed per-item
-losses gives every item its own gradient, because items share no per-item state.
+losses gives every item its own gradient, because items share no per-item state
+(``grad_impl="vmap"`` computes the same with torch.func for per-item weight methods).
 """
 
 from __future__ import annotations

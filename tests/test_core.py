@@ -459,7 +459,7 @@ def test_checkpoint_round_trip_is_exact(method, tmp_path, monkeypatch):
         assert torch.equal(rep.predict(s0, x0, c), back.rep.predict(s1, x1, c))
 
 
-def test_checkpoint_code_has_no_torch_load():
+def test_checkpoint_code_never_unpickles():
     src = (ROOT / "mscn_core" / "checkpoint.py").read_text()
     assert "torch.load" not in src and "import pickle" not in src
     for f in sorted((ROOT / "mscn_core").glob("*.py")):
