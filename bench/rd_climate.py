@@ -278,7 +278,8 @@ def verdict_text(v: dict) -> str:
 
 # -- plot -----------------------------------------------------------------------------------
 def plot(points: list[dict], path: Path, panels: list[tuple[str, str]],
-         refs: dict[str, float] | None = None) -> None:
+         refs: dict[str, float] | None = None,
+         outer_steps: dict[str, int] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,6 +302,7 @@ def plot(points: list[dict], path: Path, panels: list[tuple[str, str]],
 
         mscn_names = sorted({p["codec"] for p in pts if p["codec"].startswith("mscn:")},
                             key=order)
+        smallest = next((n for n in mscn_names if n != "mscn:shipped"), None)
         extra = iter([("tab:purple", "v"), ("tab:pink", "<"), ("tab:olive", ">"),
                       ("tab:cyan", "P"), ("tab:gray", "X")] * 4)
         for name in mscn_names:
@@ -308,15 +310,18 @@ def plot(points: list[dict], path: Path, panels: list[tuple[str, str]],
             shipped = name == "mscn:shipped"
             col, mk = ("crimson", "*") if shipped else next(extra)
             short = name.removeprefix("mscn:")
+            steps = (outer_steps or {}).get(short)
+            trained = f" @{steps} steps" if steps else ""
             label = (f"MSCN shipped, {ps[0]['code_size']} mods (whole file)" if shipped
-                     else f"MSCN {short} @200 steps (whole file)")
+                     else f"MSCN {short}{trained} (whole file)")
             ax.plot([p["bits_per_value"] for p in ps], [p["rmse"] for p in ps], marker=mk,
                     color=col, lw=2.5 if shipped else 1.0, ms=10 if shipped else 5,
                     alpha=1.0 if shipped else 0.8, label=label, zorder=5 if shipped else 3)
-            if shipped or len(mscn_names) == 1:
+            # payload-only curves: the shipped one and the smallest budget (lowest rates)
+            if shipped or name == smallest:
                 ax.plot([p["payload_bits_per_value"] for p in ps], [p["rmse"] for p in ps],
                         marker=mk, color=col, lw=1.2, ls="--", ms=8, mfc="none",
-                        label="MSCN shipped (payload only, no header)", zorder=4)
+                        label=f"MSCN {short} (payload only, no header)", zorder=4)
                 for p in ps:
                     if p["param"] in (2, 3, 4, 8):
                         ax.annotate(f"{p['param']}b", (p["payload_bits_per_value"], p["rmse"]),
@@ -517,7 +522,8 @@ def main(argv=None) -> int:
          [("era5_t850_test", f"ERA5 t850, held-out members 8-9 ({len(test)} fields, 61×120)"),
           ("era5_t500_test", f"ERA5 t500, members 8-9 ({len(t500)} fields) — out of "
                              "distribution for the t850 checkpoint")],
-         refs=result["reference_mean_field_rmse_k"])
+         refs=result["reference_mean_field_rmse_k"],
+         outer_steps={k: v.get("outer_steps") for k, v in result["checkpoints"].items()})
     result["plot"] = str(args.png)
     save()
 
