@@ -60,7 +60,7 @@ def adapt(rep: Representation, coords: Tensor, targets: Tensor, weights: Tensor 
     names = list(state)
     create_graph = training and not first_order
 
-    per_item_grads = _vmap_grads(rep, ctx, objective) if rep.cfg.grad_impl == "vmap" else None
+    per_item_grads = _vmap_grads(rep, objective) if rep.cfg.grad_impl == "vmap" else None
 
     def step(*tensors: Tensor) -> tuple[Tensor, ...]:
         if per_item_grads is not None:
@@ -86,12 +86,13 @@ def adapt(rep: Representation, coords: Tensor, targets: Tensor, weights: Tensor 
     return dict(zip(names, tensors, strict=True)), ctx
 
 
-def _vmap_grads(rep: Representation, ctx: dict[str, Tensor], objective: Objective):
+def _vmap_grads(rep: Representation, objective: Objective):
     """Per-item inner gradients as ``vmap(grad(loss of functional_call(net, θ_i)))``.
 
     §3.3.1 as the paper states it: each item's own copy of the weights, called through
-    ``torch.func.functional_call`` on the shared module. Differentiable by the outer
-    autograd (second-order meta-gradients), like the batched-matmul path it replaces.
+    ``torch.func.functional_call`` on the shared module (the per-item weight methods
+    predict with the plain network, so no context is needed). Differentiable by the outer
+    autograd (second-order meta-gradients), like the default batched-matmul path.
     """
     from torch.func import functional_call, grad, vmap
 
