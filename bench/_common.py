@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mscn_core.allocator import active_allocator, reexec_with_tcmalloc
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
@@ -56,7 +58,7 @@ def machine_info() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "allocator": active_allocator()}
 
 
 def jsonable(obj: Any) -> Any:
@@ -220,3 +222,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run_script(main, script: str) -> None:
+    """Run a benchmark's ``main`` under the allocator ``mscn`` itself uses (tcmalloc if any)."""
+    reexec_with_tcmalloc([script, *sys.argv[1:]])
+    sys.exit(main())

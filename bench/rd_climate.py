@@ -551,4 +551,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run_script(main, __file__)

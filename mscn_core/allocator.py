@@ -51,8 +51,11 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def reexec_with_tcmalloc(module: str, argv: list[str]) -> None:
-    """Replace this process by ``python -m module argv…`` under tcmalloc (at most once).
+def reexec_with_tcmalloc(python_args: list[str]) -> None:
+    """Replace this process by ``python python_args…`` under tcmalloc (at most once).
+
+    ``python_args`` is what follows the interpreter: ``["-m", "mscn_core", …]`` for the
+    CLI, ``[script, *sys.argv[1:]]`` for a benchmark script.
 
     Returns normally (nothing to do) when tcmalloc is absent, already active, opted out,
     or a previous re-exec did not take.
@@ -66,6 +69,6 @@ def reexec_with_tcmalloc(module: str, argv: list[str]) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+        os.execve(sys.executable, [sys.executable, *python_args], env)
     except OSError:
         return  # could not exec: carry on under glibc

@@ -8,7 +8,7 @@ import sys
 def console() -> None:
     from .allocator import reexec_with_tcmalloc
 
-    reexec_with_tcmalloc("mscn_core", sys.argv[1:])
+    reexec_with_tcmalloc(["-m", "mscn_core", *sys.argv[1:]])
     from .cli import main
 
     sys.exit(main())
