@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from mscn_core.allocator import active_allocator, preload_env, tcmalloc_path
+
 RESULTS = Path(__file__).resolve().parent / "results" / "meta_step.json"
 
 # DESIGN §7: COIN++'s own (batched) PyTorch code on this machine, quoted, not re-measured.
@@ -59,10 +61,8 @@ CONFIGS = {
     # §3.3.1 (mscn-grad: every weight's inner update gated, per-item weights) with the two
     # ways of batching per-item gradients: one autograd.grad over (B, out, in) weights
     # (batched matmuls) vs torch.func vmap(grad(functional_call)).
-    "grad-bmm": {"depth": 5, "width": 128, "method": "mscn-grad", "points": "sphere4096",
-                 "latent_dim": None, "grad_impl": "bmm"},
-    "grad-vmap": {"depth": 5, "width": 128, "method": "mscn-grad", "points": "sphere4096",
-                  "latent_dim": None, "grad_impl": "vmap"},
+    **{f"grad-{impl}": {"depth": 5, "width": 128, "method": "mscn-grad", "points": "sphere4096",
+                        "latent_dim": None, "grad_impl": impl} for impl in ("bmm", "vmap")},
 }
 BATCH, INNER_STEPS, W0 = 8, 3, 30.0
 
@@ -241,8 +241,6 @@ def child_run(cfg: dict, impl: str, warmup: int, steps: int) -> dict:
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    from mscn_core.allocator import active_allocator
-
     return {"impl": impl, "allocator": active_allocator(),
             "median_s": statistics.median(times), "min_s": min(times),
             "times_s": [round(t, 4) for t in times], "peak_mb_over_baseline": _rss_mb() - base_rss,
@@ -287,8 +285,6 @@ ALLOCATOR = {"name": "tcmalloc"}  # set by main(); every child of one run uses t
 
 
 def _spawn(args: list[str], timeout: float) -> dict:
-    from mscn_core.allocator import preload_env
-
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     if ALLOCATOR["name"] == "tcmalloc":
         env = preload_env(env)
@@ -379,8 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     import torch
-
-    from mscn_core.allocator import tcmalloc_path
 
     if args.allocator == "tcmalloc" and tcmalloc_path() is None:
         ap.error("tcmalloc is not installed (Debian: libtcmalloc-minimal4); use --allocator glibc")

@@ -60,11 +60,12 @@ def reexec_with_tcmalloc(python_args: list[str]) -> None:
     Returns normally (nothing to do) when tcmalloc is absent, already active, opted out,
     or a previous re-exec did not take.
     """
-    if (os.environ.get("MSCN_ALLOCATOR", "tcmalloc") == "glibc"
-            or os.environ.get(_REEXEC_MARK) or active_allocator() == "tcmalloc"
-            or tcmalloc_path() is None or not sys.platform.startswith("linux")):
+    if (os.environ.get(_REEXEC_MARK) or active_allocator() == "tcmalloc"
+            or not sys.platform.startswith("linux")):
         return
     env = preload_env()
+    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+        return  # no library, or opted out with MSCN_ALLOCATOR=glibc
     env[_REEXEC_MARK] = "1"
     try:
         sys.stdout.flush()

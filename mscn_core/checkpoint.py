@@ -71,15 +71,21 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(ck: Checkpoint, path: str | os.PathLike, overwrite: bool = True) -> str:
-    """Write the checkpoint; returns its sha256 (what bitstreams refer to)."""
+def checkpoint_bytes(ck: Checkpoint) -> bytes:
+    """The file a save writes; sets ``ck.sha256`` (what bitstreams refer to) without I/O."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in ck.rep.state_dict().items()}
     tensors.update({f"codec.{k}": v.detach().cpu().contiguous() for k, v in ck.codec.items()})
     data = st_save(tensors, metadata={_META_KEY: json.dumps(_config(ck)),
                                       _DIGEST_KEY: tensors_digest(tensors)})
+    ck.sha256 = hashlib.sha256(data).hexdigest()
+    return data
+
+
+def save_checkpoint(ck: Checkpoint, path: str | os.PathLike, overwrite: bool = True) -> str:
+    """Write the checkpoint; returns its sha256 (what bitstreams refer to)."""
+    data = checkpoint_bytes(ck)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_bytes_atomic(data, path, overwrite=overwrite)
-    ck.sha256 = hashlib.sha256(data).hexdigest()
     ck.path = Path(path)
     return ck.sha256
 
