@@ -43,16 +43,15 @@ only copies bytes that exist.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import save_bytes_atomic  # noqa: F401 - re-exported
 
 __all__ = [
     "MAGIC",
@@ -332,62 +331,6 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     if not isinstance(extra, dict):
         raise BitstreamError("malformed header JSON: extra must be an object")
     return header
-
-
-def save_bytes_atomic(data: bytes, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync,
-    rename). An existing ``path`` raises :class:`FileExistsError` unless ``overwrite``; on
-    any error the temp file is removed and ``path`` is untouched. Returns the path."""
-    path = Path(path)
-    blob = bytes(memoryview(data).cast("B"))
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(f"refusing to overwrite existing file: {path}")
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    # 0o666 & ~umask, like a normal open(); O_EXCL so we never reuse someone else's file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        try:
-            view = memoryview(blob)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                # Atomic no-clobber: link() fails if path appeared meanwhile.
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"refusing to overwrite existing file: {path}") from None
-            except OSError:
-                # File system without hard links: best effort (tiny race window).
-                if os.path.lexists(path):
-                    raise FileExistsError(f"refusing to overwrite existing file: {path}") from None
-                os.replace(tmp, path)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    _fsync_dir(directory)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def bits_per_value(n_bytes: int, n_values: int) -> float:

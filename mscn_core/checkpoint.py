@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .bitstream import save_bytes_atomic
+from .atomic import save_bytes_atomic
 from .methods import MethodConfig, Representation, build_representation
 from .siren import SirenConfig
 

@@ -1,4 +1,9 @@
-"""The ``mscn`` command line: meta-train, fit, evaluate, encode, decode, view, inspect."""
+"""The ``mscn`` command line: meta-train, fit, evaluate, encode, decode, view, inspect.
+
+The CLI knows no modality: each plugin declares its options as a dataclass, and once
+the command's modality is known (``--modality``, the checkpoint, or the file) those
+options become flags of the command, so ``mscn fit --checkpoint CKPT --help`` lists them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
+import random
 import re
 import sys
 import types
@@ -26,61 +31,72 @@ def _flag_type(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = _flag_type(args[0])
         return lambda s: None if s.lower() == "none" else inner(s)
+    if origin is typing.Literal:
+        return type(typing.get_args(tp)[0])
     if tp is bool:
         return lambda s: s.lower() in ("1", "true", "yes", "on")
     return tp
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each dataclass field: one place documents a setting."""
+    """Each dataclass field's ``# comment``, trailing or on the lines just above it:
+    one place documents a setting, for the code and for ``--help``."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    docs = {}
-    for m in re.finditer(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
-        docs[m.group(1)] = m.group(2).strip()
+    docs: dict[str, str] = {}
+    above: list[str] = []
+    for line in source.splitlines():
+        comment = re.match(r"^\s+#\s?(.*)$", line)
+        if comment:
+            above.append(comment.group(1).strip())
+            continue
+        m = re.match(r"^\s+(\w+):[^=\n]+=[^#\n]*(?:#\s*(.+))?$", line)
+        if m:
+            docs[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+        above = []
     return docs
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, skip=()) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(),
+                     prefix: str | None = None) -> None:
+    """Every field of dataclass ``cls`` as ``--field-name``; lists repeat, Literals choose."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         doc = docs.get(f.name, "").replace("%", "%%")
-        kw = {"type": _flag_type(hints[f.name]), "default": f.default,
-              "metavar": f.name.upper(), "help": f"{doc} (default: {f.default})".lstrip()}
+        kw = {"type": _flag_type(tp), "default": default, "metavar": f.name.upper(),
+              "help": f"{doc} (default: {default})".lstrip()}
+        if typing.get_origin(tp) is list:
+            inner = typing.get_args(tp)
+            kw.update(action="append", default=None, type=inner[0] if inner else str)
         choices = {"method": METHODS, "grad_impl": GRAD_IMPLS}.get(f.name)
+        if typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
         if choices:
             kw["choices"] = choices
             del kw["metavar"]  # argparse then shows {a,b,…}
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f"{title}.{f.name}", **kw)
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"{prefix or title}.{f.name}",
+                           **kw)
 
 
 def config_from_args(args: argparse.Namespace, cls, title: str):
     values = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(title + ".")}
+    for f in dataclasses.fields(cls):  # repeatable flags given no times: the field's default
+        if values.get(f.name, 0) is None and f.default is dataclasses.MISSING:
+            values[f.name] = f.default_factory()
     return cls(**values)
 
 
 # -- commands --------------------------------------------------------------------------
 
-
-def _modality(name: str | None, path: str | None):
-    from .registry import get_modality, guess_modality
-
-    return get_modality(name or guess_modality(path))
-
-
-def _read_items(modality, paths, args) -> list:
-    items = []
-    for p in paths:
-        items += modality.read(p, var=getattr(args, "var", None), sel=getattr(args, "sel", None))
-    if not items:
-        raise SystemExit(f"error: no items found in {', '.join(map(str, paths))}")
-    return items
+OPTIONS = "opt"  # argparse dest prefix of the modality's own options
 
 
 def cmd_modalities(args) -> int:
@@ -90,12 +106,19 @@ def cmd_modalities(args) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return 0
-    print(f"{'name':<12} {'distribution':<18} {'version':<9} {'status':<7} {'in→out':<7} "
+    print(f"{'name':<12} {'distribution':<22} {'version':<9} {'status':<7} {'in→out':<7} "
           "description")
     for r in rows:
         dims = f"{r.in_dim}→{r.out_dim}" if r.in_dim else "-"
         desc = r.description if r.status == "ok" else r.error
-        print(f"{r.name:<12} {r.distribution:<18} {r.version:<9} {r.status:<7} {dims:<7} {desc}")
+        extra = []
+        if r.status == "ok" and r.viewer:
+            extra.append("viewer")
+        if r.note:
+            extra.append(r.note)
+        tail = f"  [{'; '.join(extra)}]" if extra else ""
+        print(f"{r.name:<12} {r.distribution:<22} {r.version:<9} {r.status:<7} {dims:<7} "
+              f"{desc}{tail}")
     return 0
 
 
@@ -139,31 +162,30 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _identity(item) -> str:
-    """Which item this is (scalar coordinates and name), to keep splits disjoint."""
-    coords = getattr(item, "coords", None)
-    if coords is None:
-        return str(id(item))
-    scal = sorted((str(k), str(v.values)) for k, v in coords.items() if v.ndim == 0)
-    return f"{getattr(item, 'name', '')}|{scal}|{getattr(item, 'shape', '')}"
+def _read_items(modality, paths, options) -> list:
+    items = []
+    for p in paths:
+        items += modality.read(p, options)
+    if not items:
+        raise SystemExit(f"error: no items found in {', '.join(map(str, paths))}")
+    return items
 
 
 def cmd_meta_train(args) -> int:
-    import random
-
     from .allocator import active_allocator
     from .checkpoint import save_checkpoint
     from .pipeline import train_checkpoint
 
     _refuse_existing(args)
     out = Path(args.output)
-    modality = _modality(args.modality, args.data[0])
-    items = _read_items(modality, args.data, args)
-    if args.val_sel:
+    modality, options = args.modality_obj, args.options
+    items = _read_items(modality, args.data, options)
+    val_options = options.validation() if hasattr(options, "validation") else None
+    if val_options is not None or args.val_data:
         val = _read_items(modality, args.val_data or args.data,
-                          argparse.Namespace(var=args.var, sel=(args.sel or []) + args.val_sel))
-        held = {_identity(v) for v in val}
-        train = [i for i in items if _identity(i) not in held]  # never train on validation
+                          val_options if val_options is not None else options)
+        held = {modality.item_label(v) for v in val}
+        train = [i for i in items if modality.item_label(i) not in held]  # never train on val
         if not train:
             raise SystemExit("error: every training item is also a validation item")
     else:
@@ -175,11 +197,13 @@ def cmd_meta_train(args) -> int:
     siren = config_from_args(args, SirenConfig, "siren")
     method = config_from_args(args, MethodConfig, "method")
     tcfg = config_from_args(args, TrainConfig, "train")
-    print(f"meta-training {method.method} on {len(train)} items ({len(val)} for validation), "
-          f"{siren.depth}×{siren.width} SIREN", file=sys.stderr)
-    ck = train_checkpoint(modality, train, val, siren, method, tcfg,
-                          info={"data": [str(p) for p in args.data], "var": args.var,
-                                "sel": args.sel, "command": " ".join(sys.argv)})
+    print(f"meta-training {method.method} on {len(train)} {modality.name} items ({len(val)} "
+          f"for validation), {siren.depth}×{siren.width} SIREN", file=sys.stderr)
+    info = {"data": [str(p) for p in args.data], "command": " ".join(sys.argv)}
+    if options is not None:
+        info["options"] = dataclasses.asdict(options)
+    ck = train_checkpoint(modality, train, val, siren, method, tcfg, info=info,
+                          options=options)
     digest = save_checkpoint(ck, out, overwrite=True)
     print(json.dumps({"checkpoint": str(out), "sha256": digest, **ck.info["train"],
                       "allocator": active_allocator()}, indent=2))
@@ -192,8 +216,9 @@ def _fit(args, ck, modality, items):
 
     from .pipeline import adapt_codes, predictor, quantize_codes
 
-    signals = [modality.to_signal(i) for i in items]
-    codes = adapt_codes(ck, modality, signals, steps=args.steps)
+    signals = [modality.to_signal(i, args.options) for i in items]
+    codes = adapt_codes(ck, modality, signals, steps=args.steps,
+                        points_per_step=args.points_per_step)
     if args.bits:
         _, codes = quantize_codes(ck, codes, args.bits)
     preds = [predictor(ck, modality, c) for c in codes]
@@ -213,11 +238,13 @@ def _refuse_existing(args) -> None:
 
 def _load(args):
     from .checkpoint import load_checkpoint
-    from .registry import get_modality
 
     _refuse_existing(args)
     ck = load_checkpoint(args.checkpoint)
-    modality = get_modality(ck.modality)
+    modality = args.modality_obj
+    if modality.name != ck.modality:
+        raise ValueError(f"{args.checkpoint} is a {ck.modality!r} checkpoint, not "
+                         f"{modality.name!r}")
     modality.load_state(ck.modality_state)
     return ck, modality
 
@@ -229,11 +256,12 @@ def _summary(metrics: list[dict]) -> dict:
 
 def cmd_fit(args) -> int:
     ck, modality = _load(args)
-    items = _read_items(modality, [args.file], args)
+    items = _read_items(modality, [args.file], args.options)
     signals, preds, metrics = _fit(args, ck, modality, items)
-    recon = [modality.reconstruct(s.meta, p, args.resolution, template=i)
+    recon = [modality.reconstruct(s.meta, p, args.options, template=i)
              for s, p, i in zip(signals, preds, items, strict=True)]
-    modality.save(recon, args.output, overwrite=args.overwrite)
+    modality.save(recon, args.output, overwrite=args.overwrite,
+                  provenance={"checkpoint_sha256": ck.sha256})
     print(json.dumps({"output": args.output, "items": len(items), "mean": _summary(metrics)},
                      indent=2))
     return 0
@@ -243,18 +271,16 @@ def cmd_evaluate(args) -> int:
     ck, modality = _load(args)
     rows, all_metrics = [], []
     for path in args.files:
-        items = _read_items(modality, [path], args)
+        items = _read_items(modality, [path], args.options)
         _, _, metrics = _fit(args, ck, modality, items)
         for i, m in zip(items, metrics, strict=True):
-            ident = {str(k): str(v.values) for k, v in getattr(i, "coords", {}).items()
-                     if getattr(v, "ndim", 1) == 0}
-            rows.append({"file": str(path), "item": ident, **m})
+            rows.append({"file": str(path), "item": modality.item_label(i), **m})
         all_metrics += metrics
     report = {"checkpoint": str(args.checkpoint), "bits": args.bits, "per_item": rows,
               "mean": _summary(all_metrics)}
     text = json.dumps(report, indent=2)
     if args.output:
-        from .bitstream import save_bytes_atomic
+        from .atomic import save_bytes_atomic
 
         save_bytes_atomic(text.encode(), args.output, overwrite=args.overwrite)
     print(text if args.verbose or not args.output else json.dumps(report["mean"], indent=2))
@@ -262,12 +288,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from .bitstream import save_bytes_atomic
+    from .atomic import save_bytes_atomic
     from .pipeline import encode_items
 
     ck, modality = _load(args)
-    items = _read_items(modality, [args.file], args)
-    data, rep = encode_items(ck, modality, items, bits=args.bits, metadata=args.metadata)
+    items = _read_items(modality, [args.file], args.options)
+    data, rep = encode_items(ck, modality, items, bits=args.bits, options=args.options,
+                             points_per_step=args.points_per_step)
     save_bytes_atomic(data, args.output, overwrite=args.overwrite)
     print(json.dumps({"output": args.output, "items": len(items), "bytes": rep.n_bytes,
                       "payload_bytes": rep.payload_bytes, "values": rep.n_values,
@@ -278,68 +305,108 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    from .checkpoint import load_checkpoint
     from .pipeline import decode_stream
 
-    _refuse_existing(args)
-    ck = load_checkpoint(args.checkpoint)
+    ck, _ = _load(args)
     data = Path(args.file).read_bytes()
-    modality, artifacts, stream = decode_stream(data, ck, args.resolution)
-    n_values = sum(math.prod(getattr(a, "shape", (0,))) for a in artifacts)
-    for a in artifacts:  # provenance travels with the artifact where it has attributes
-        if isinstance(getattr(a, "attrs", None), dict):
-            a.attrs["mscn_bits_per_value"] = 8 * len(data) / max(n_values, 1)
-            a.attrs["mscn_checkpoint_sha256"] = ck.sha256
-    modality.save(artifacts, args.output, overwrite=args.overwrite)
-    print(json.dumps({"output": args.output, "items": stream.n_items, "bytes": len(data),
-                      "bits": stream.bits, "modality": stream.modality,
-                      "bits_per_value": 8 * len(data) / max(n_values, 1)}, indent=2))
+    decoded = decode_stream(data, ck, args.options)
+    decoded.modality.save(decoded.artifacts, args.output, overwrite=args.overwrite,
+                          provenance={"bits_per_value": decoded.bits_per_value,
+                                      "checkpoint_sha256": ck.sha256})
+    print(json.dumps({"output": args.output, "items": decoded.stream.n_items,
+                      "bytes": len(data), "bits": decoded.stream.bits,
+                      "modality": decoded.stream.modality,
+                      "bits_per_value": decoded.bits_per_value}, indent=2))
     return 0
 
 
-def _globe_stats(truth, recon) -> dict:
-    """PSNR on the checkpoint's scaling (kept in the recon's attrs), RMSE, bits if decoded."""
-    import numpy as np
-
-    from mscn_viewers.globe import error_on_truth_grid
-
-    err = np.asarray(error_on_truth_grid(truth, recon).values, dtype=np.float64)
-    rmse = float(np.sqrt(np.nanmean(err**2)))
-    stats = {}
-    lo, hi = recon.attrs.get("mscn_scale_min"), recon.attrs.get("mscn_scale_max")
-    if lo is not None and hi is not None and rmse > 0:
-        stats["psnr"] = 20 * math.log10((float(hi) - float(lo)) / rmse)
-    stats["rmse"] = rmse
-    if "mscn_bits_per_value" in recon.attrs:
-        stats["bits_per_value"] = float(recon.attrs["mscn_bits_per_value"])
-    return stats
-
-
-def cmd_view_globe(args) -> int:
-    from mscn_datasets import climate
-    from mscn_viewers.globe import render_globe, rotating_globe_gif
+def cmd_view(args) -> int:
+    from .modality import has_view
 
     _refuse_existing(args)
-    truth = climate.field_items([args.truth], var=args.var, sel=args.sel)
-    recon = climate.field_items([args.recon], var=args.var or str(truth[0].name), sel=args.sel)
+    modality = args.modality_obj
+    if not has_view(modality):
+        raise ValueError(f"modality {modality.name!r} offers no viewer")
+    truth_path, recon_path = args.targets[-2:]
+    truth = _read_items(modality, [truth_path], args.options)
+    recon = _read_items(modality, [recon_path], args.options)
     if not 0 <= args.index < len(truth):
         raise SystemExit(f"error: --index {args.index} out of range (0..{len(truth) - 1})")
     t = truth[args.index]
     r = recon[args.index] if len(recon) == len(truth) else recon[0]
-    path = render_globe(t, r, args.output, title=args.title, stats=_globe_stats(t, r),
-                        overwrite=args.overwrite)
-    print(path)
-    if args.gif:
-        print(rotating_globe_gif(r, args.gif))
+    extra = {"animation": args.gif} if args.gif else {}
+    print(modality.view(t, r, args.output, args.options, overwrite=args.overwrite, **extra))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# -- which modality a command line is about (before the full parse) ------------------
+
+MODALITY_COMMANDS = ("meta-train", "fit", "evaluate", "encode", "decode", "view")
+
+
+def _scan(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
+    """Command, the values of --modality/--checkpoint/--data, and leading positionals."""
+    command, flags, positionals = None, {}, []
+    flag_seen, skip = False, False
+    for i, tok in enumerate(argv):
+        if skip:
+            skip = False
+        elif command is None:
+            command = None if tok.startswith("-") else tok
+        elif tok.partition("=")[0] in ("--modality", "--checkpoint", "--data"):
+            key, eq, val = tok.partition("=")
+            if not eq and i + 1 < len(argv):
+                val, skip = argv[i + 1], True
+            flags.setdefault(key, val)
+        elif tok.startswith("-"):
+            flag_seen = True
+        elif not flag_seen:
+            positionals.append(tok)
+    return command, flags, positionals
+
+
+def resolve_modality(argv: list[str]):
+    """The modality a command is about: --modality, else the checkpoint's, else the
+    file's (content sniffing); for ``view`` a leading viewer name. None: not known."""
+    from .registry import get_modality, guess_modality, view_modality
+
+    command, flags, positionals = _scan(argv)
+    if command not in MODALITY_COMMANDS:
+        return None
+    name = flags.get("--modality")
+    if name is None and command == "view" and len(positionals) >= 3:
+        name = view_modality(positionals[0])
+        if name is None:
+            from .registry import ModalityError
+
+            raise ModalityError(f"no installed modality offers a viewer called "
+                                f"{positionals[0]!r}")
+    if name is None and "--checkpoint" in flags and Path(flags["--checkpoint"]).is_file():
+        from .checkpoint import CheckpointError, read_config
+
+        try:
+            name = read_config(flags["--checkpoint"])["modality"]
+        except CheckpointError:
+            return None  # the command reports it in full
+    if name is None:
+        path = flags.get("--data") or (positionals[-2] if command == "view" and
+                                       len(positionals) >= 2 else
+                                       positionals[0] if positionals else None)
+        if path is None or not Path(path).exists():
+            return None
+        name = guess_modality(path)
+    return get_modality(name)
+
+
+def build_parser(modality=None) -> argparse.ArgumentParser:
+    """The full parser; with a modality, its options become flags of its commands."""
     p = argparse.ArgumentParser(
         prog="mscn", description="Meta-Learning Sparse Compression Networks: meta-learn a "
         "shared SIREN, represent each signal by a few hundred sparse modulations, write "
         "them to a real bitstream and decode them back.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hint = ("modality options (e.g. which variable, which grid) are listed once the "
+            "modality is known: add --modality NAME or --checkpoint CKPT to --help")
 
     s = sub.add_parser("modalities", help="list installed modality plugins and their status")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -350,28 +417,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_inspect)
 
-    def data_flags(s):
-        s.add_argument("--var", help="variable to use (default: the only one with lat/lon)")
-        s.add_argument("--sel", action="append", metavar="DIM=VALUE",
-                       help="select along a dimension, e.g. --sel isobaricInhPa=850 (repeatable)")
+    def modality_flags(s):
+        s.add_argument("--modality", metavar="NAME",
+                       help="modality plugin, NAME or DIST:NAME (default: the checkpoint's, "
+                       "else guessed from the file)")
+        opts = getattr(modality, "options", None) if modality is not None else None
+        if isinstance(opts, type) and dataclasses.is_dataclass(opts):
+            add_config_flags(s, opts, f"{modality.name} options", prefix=OPTIONS)
 
     def out_flags(s):
         s.add_argument("-o", "--output", required=True, help="output file")
         s.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
-    s = sub.add_parser("meta-train", help="meta-learn a checkpoint (codec) from data files")
-    s.add_argument("--modality", help="modality plugin (default: guessed from the first file)")
+    def budget_flag(s):
+        s.add_argument("--points-per-step", type=int, default=None, metavar="N",
+                       help="samples per inner step for items larger than that (bounded "
+                       "memory; default: the modality's)")
+
+    s = sub.add_parser("meta-train", help="meta-learn a checkpoint (codec) from data files",
+                       epilog=hint)
     s.add_argument("--data", nargs="+", required=True, metavar="FILE")
-    data_flags(s)
     out_flags(s)
     s.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of items held out for validation/keep-best (default 0.1)")
     s.add_argument("--seed-split", type=int, default=0, help="seed of the train/val split")
-    s.add_argument("--val-sel", action="append", metavar="DIM=VALUE",
-                   help="validation items: --sel plus these (overriding), e.g. number=7; "
-                   "replaces the random split")
     s.add_argument("--val-data", nargs="+", metavar="FILE",
-                   help="files for the validation items (default: --data)")
+                   help="validation items from these files (never trained on) instead of a "
+                   "random split")
+    modality_flags(s)
     add_config_flags(s, SirenConfig, "siren", skip=("in_dim", "out_dim"))
     add_config_flags(s, MethodConfig, "method")
     add_config_flags(s, TrainConfig, "train")
@@ -383,64 +456,83 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inner steps (default: the checkpoint's, 3)")
         s.add_argument("--bits", type=int, default=None,
                        help="quantise modulations to this many bits, as the bitstream would")
+        budget_flag(s)
 
-    s = sub.add_parser("fit", help="represent every field of a file; write the reconstruction")
+    s = sub.add_parser("fit", help="represent every item of a file; write the reconstruction",
+                       epilog=hint)
     s.add_argument("file")
-    data_flags(s)
     fit_flags(s)
     out_flags(s)
-    s.add_argument("--resolution", type=float, default=None,
-                   help="write on a global grid of this spacing (degrees) instead of the input's")
+    modality_flags(s)
     s.set_defaults(func=cmd_fit)
 
-    s = sub.add_parser("evaluate", help="metrics per item and mean, as JSON")
+    s = sub.add_parser("evaluate", help="metrics per item and mean, as JSON", epilog=hint)
     s.add_argument("files", nargs="+")
-    data_flags(s)
     fit_flags(s)
     s.add_argument("-o", "--output", help="write the JSON report here")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("-v", "--verbose", action="store_true", help="print per-item rows too")
+    modality_flags(s)
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("encode", help="compress a file into an .mscn bitstream")
+    s = sub.add_parser("encode", help="compress a file into an .mscn bitstream", epilog=hint)
     s.add_argument("file")
-    data_flags(s)
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--bits", type=int, default=6, help="quantisation bits 2..8 (default 6)")
-    s.add_argument("--metadata", choices=("full", "cf"), default="full",
-                   help="item metadata kept in the stream: every attribute (full) or the "
-                   "CF essentials only (cf: units, names, calendar; fewer bytes)")
+    budget_flag(s)
     out_flags(s)
+    modality_flags(s)
     s.set_defaults(func=cmd_encode)
 
-    s = sub.add_parser("decode", help="rebuild the artifact (e.g. NetCDF) from an .mscn file")
+    s = sub.add_parser("decode", help="rebuild the artifact (e.g. NetCDF) from an .mscn file",
+                       epilog=hint)
     s.add_argument("file")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--resolution", type=float, default=None,
-                   help="decode onto a global grid of this spacing (degrees)")
     out_flags(s)
+    modality_flags(s)
     s.set_defaults(func=cmd_decode)
 
-    s = sub.add_parser("view", help="render results to PNG")
-    vsub = s.add_subparsers(dest="viewer", required=True, metavar="VIEWER")
-    g = vsub.add_parser("globe", help="truth / reconstruction / error on maps and globes")
-    g.add_argument("truth", help="original NetCDF")
-    g.add_argument("recon", help="reconstructed NetCDF (from mscn fit or decode)")
-    data_flags(g)
-    g.add_argument("--index", type=int, default=0, help="which field (item) to show")
-    g.add_argument("--title", default=None)
-    g.add_argument("--gif", default=None, help="also write a rotating-globe GIF here")
-    out_flags(g)
-    g.set_defaults(func=cmd_view_globe)
+    s = sub.add_parser("view", help="render truth beside reconstruction to PNG", epilog=hint,
+                       usage="mscn view [VIEWER] TRUTH RECON -o PNG [options]")
+    s.add_argument("targets", nargs="+", metavar="[VIEWER] TRUTH RECON",
+                   help="optional viewer or modality name (e.g. globe), the original file "
+                   "and the reconstruction (from mscn fit or decode)")
+    s.add_argument("--index", type=int, default=0, help="which item of the files to show")
+    s.add_argument("--gif", default=None,
+                   help="also write an animation here (rotating globe, turntable)")
+    out_flags(s)
+    modality_flags(s)
+    s.set_defaults(func=cmd_view)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from .bitstream import BitstreamError
     from .checkpoint import CheckpointError
     from .registry import ModalityError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        modality = resolve_modality(argv)
+    except ModalityError as err:
+        command = _scan(argv)[0]
+        print(f"mscn {command}: error: {err}", file=sys.stderr)
+        return 2
+    args = build_parser(modality).parse_args(argv)
+    if args.command in MODALITY_COMMANDS:
+        if modality is None:
+            need = "--checkpoint" if args.command not in ("meta-train", "view") else "--modality"
+            print(f"mscn {args.command}: error: cannot tell the modality; pass {need}",
+                  file=sys.stderr)
+            return 2
+        args.modality_obj = modality
+        opts = getattr(modality, "options", None)
+        args.options = (config_from_args(args, opts, OPTIONS)
+                        if isinstance(opts, type) and dataclasses.is_dataclass(opts) else None)
+        if args.command == "view" and len(args.targets) not in (2, 3):
+            print("mscn view: error: give TRUTH RECON, optionally after a viewer name",
+                  file=sys.stderr)
+            return 2
     known = (BitstreamError, CheckpointError, ModalityError, FileExistsError,
              FileNotFoundError, ValueError)
     try:

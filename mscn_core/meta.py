@@ -20,63 +20,52 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .methods import Coin, Representation
-from .signals import Signal, full_batches, sample_points
-
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+from .signals import Batch, Signal, full_batches, sample_batch
 
 
-def masked_mse(pred: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    """Per-item mean squared error over valid points, shape ``(B,)``."""
-    sq = ((pred - targets) ** 2).mean(dim=-1)
-    return (sq * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+def item_losses(rep: Representation, modality, state: dict[str, Tensor],
+                ctx: dict[str, Tensor], batch: Batch) -> Tensor:
+    """Per-item losses ``(B,)``: the modality's objective of the items' adapted fields."""
+    return modality.objective(lambda points: rep.predict(state, ctx, points), batch)
 
 
-@dataclass
-class Objective:
-    """What the plugin contributes to optimisation: prediction transform and loss."""
+def adapt(rep: Representation, batch: Batch, modality, *, steps: int | None = None,
+          training: bool = False, first_order: bool = False, checkpoint_steps: bool = False,
+          resample: Callable[[int], Batch] | None = None
+          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Fit per-item states to a batch; differentiable w.r.t. the meta-parameters if training.
 
-    loss: LossFn = masked_mse
-    transform: Callable[[Tensor], Tensor] = lambda raw: raw
-
-
-def _loss(rep, state, ctx, coords, targets, weights, objective) -> Tensor:
-    return objective.loss(objective.transform(rep.predict(state, ctx, coords)), targets, weights)
-
-
-def adapt(rep: Representation, coords: Tensor, targets: Tensor, weights: Tensor | None = None,
-          *, objective: Objective | None = None, steps: int | None = None,
-          training: bool = False, first_order: bool = False,
-          checkpoint_steps: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Fit per-item states to a batch; differentiable w.r.t. the meta-parameters if training."""
-    objective = objective or Objective()
-    if weights is None:
-        weights = torch.ones(coords.shape[:2], dtype=coords.dtype, device=coords.device)
-    batch = coords.shape[0]
-    if isinstance(rep, Coin):
-        return fit_from_scratch(rep, coords, targets, weights, objective, steps), {}
+    ``resample(step)`` gives each inner step its own batch (encode-time sample budget for
+    items larger than one step may hold); without it every step sees ``batch``.
+    """
+    if not rep.meta_learned:
+        return fit_from_scratch(rep, batch, modality, steps, resample=resample), {}
     steps = rep.cfg.inner_steps if steps is None else steps
-    ctx = rep.context(batch, training)
-    state = rep.init_state(batch)
+    n_items = batch.coords.shape[0]
+    ctx = rep.context(n_items, training)
+    state = rep.init_state(n_items)
     names = list(state)
     create_graph = training and not first_order
+    per_item_grads = _vmap_grads(rep, modality) if rep.cfg.grad_impl == "vmap" else None
 
-    per_item_grads = _vmap_grads(rep, objective) if rep.cfg.grad_impl == "vmap" else None
-
-    def step(*tensors: Tensor) -> tuple[Tensor, ...]:
-        if per_item_grads is not None:
-            grads = per_item_grads(tensors, coords, targets, weights)
-            if not create_graph:
-                grads = tuple(g.detach() for g in grads)
-        else:
-            st = dict(zip(names, tensors, strict=True))
-            loss = _loss(rep, st, ctx, coords, targets, weights, objective).sum()
-            grads = torch.autograd.grad(loss, tensors, create_graph=create_graph)
-        rates = rep.inner_rates(ctx)
-        return tuple(t - rates[n] * g for n, t, g in zip(names, tensors, grads, strict=True))
+    def make_step(b: Batch):
+        def step(*tensors: Tensor) -> tuple[Tensor, ...]:
+            if per_item_grads is not None:
+                grads = per_item_grads(tensors, *b)
+                if not create_graph:
+                    grads = tuple(g.detach() for g in grads)
+            else:
+                st = dict(zip(names, tensors, strict=True))
+                loss = item_losses(rep, modality, st, ctx, b).sum()
+                grads = torch.autograd.grad(loss, tensors, create_graph=create_graph)
+            rates = rep.inner_rates(ctx)
+            return tuple(t - rates[n] * g for n, t, g in zip(names, tensors, grads, strict=True))
+        return step
 
     with torch.enable_grad():
         tensors = tuple(state[n] for n in names)
-        for _ in range(steps):
+        for k in range(steps):
+            step = make_step(batch if resample is None or k == 0 else resample(k))
             if checkpoint_steps and training:
                 tensors = checkpoint(step, *tensors, use_reentrant=False)
             else:
@@ -86,7 +75,7 @@ def adapt(rep: Representation, coords: Tensor, targets: Tensor, weights: Tensor 
     return dict(zip(names, tensors, strict=True)), ctx
 
 
-def _vmap_grads(rep: Representation, objective: Objective):
+def _vmap_grads(rep: Representation, modality):
     """Per-item inner gradients as ``vmap(grad(loss of functional_call(net, θ_i)))``.
 
     §3.3.1 as the paper states it: each item's own copy of the weights, called through
@@ -100,37 +89,33 @@ def _vmap_grads(rep: Representation, objective: Objective):
 
     def item_loss(params: tuple[Tensor, ...], coords: Tensor, targets: Tensor,
                   weights: Tensor) -> Tensor:
-        raw = functional_call(rep.net, dict(zip(param_names, params, strict=True)),
-                              (coords.unsqueeze(0),))
-        pred = objective.transform(raw)
-        return objective.loss(pred, targets.unsqueeze(0), weights.unsqueeze(0)).sum()
+        def field(points: Tensor) -> Tensor:
+            return functional_call(rep.net, dict(zip(param_names, params, strict=True)),
+                                   (points,))
+        one = Batch(coords.unsqueeze(0), targets.unsqueeze(0), weights.unsqueeze(0))
+        return modality.objective(field, one).sum()
 
     return vmap(grad(item_loss))
 
 
-def fit_from_scratch(rep: Coin, coords: Tensor, targets: Tensor, weights: Tensor,
-                     objective: Objective, steps: int | None = None,
-                     callback: Callable[[int, dict], bool] | None = None) -> dict[str, Tensor]:
-    """COIN-style fitting: Adam on a fresh network per item (batched, no item loop).
+def fit_from_scratch(rep: Coin, batch: Batch, modality, steps: int | None = None,
+                     callback: Callable[[int, dict], bool] | None = None,
+                     resample: Callable[[int], Batch] | None = None) -> dict[str, Tensor]:
+    """COIN-style fitting: ``torch.optim.Adam`` on a fresh network per item.
 
+    Adam is elementwise and the summed loss gives each item its own gradient, so one
+    optimiser over the batched weights is exactly one Adam per item (no item loop).
     ``callback(step, state)`` may return True to stop early (e.g. a target PSNR reached).
     """
     steps = rep.cfg.coin_steps if steps is None else steps
-    state = rep.init_state(coords.shape[0])
-    names = list(state)
-    m1 = {n: torch.zeros_like(v) for n, v in state.items()}
-    m2 = {n: torch.zeros_like(v) for n, v in state.items()}
-    b1, b2, eps, lr = 0.9, 0.999, 1e-8, rep.cfg.coin_lr
+    state = rep.init_state(batch.coords.shape[0])
+    opt = torch.optim.Adam(list(state.values()), lr=rep.cfg.coin_lr)
     with torch.enable_grad():
         for t in range(1, steps + 1):
-            loss = _loss(rep, state, {}, coords, targets, weights, objective).sum()
-            grads = torch.autograd.grad(loss, [state[n] for n in names])
-            with torch.no_grad():
-                for n, g in zip(names, grads, strict=True):
-                    m1[n].mul_(b1).add_(g, alpha=1 - b1)
-                    m2[n].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    step = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-                    state[n].sub_(step * m1[n] / (m2[n].sqrt() + eps))
+            b = batch if resample is None or t == 1 else resample(t - 1)
+            opt.zero_grad(set_to_none=True)
+            item_losses(rep, modality, state, {}, b).sum().backward()
+            opt.step()
             if callback is not None and callback(t, state):
                 break
     return {n: v.detach() for n, v in state.items()}
@@ -143,13 +128,13 @@ class TrainConfig:
     outer_steps: int = 1000  # outer (meta) optimisation steps
     outer_lr: float = 3e-6  # outer Adam learning rate (the paper's 3e-6)
     batch_size: int = 32  # items per outer step
-    points_per_item: int = 4096  # coordinates sampled per item and outer step
+    points_per_item: int = 4096  # samples (points, rays) per item and outer step
     first_order: bool = False  # drop second-order terms of the meta-gradient
     checkpoint_steps: bool = False  # per-step gradient checkpointing (less memory)
     grad_clip: float = 1.0  # global gradient-norm clip
     ema_decay: float | None = None  # EMA of meta-parameters, used for validation and saving
     val_every: int = 50  # outer steps between validations (keep-best, rollback)
-    val_points: int = 4096  # coordinates per validation item
+    val_points: int = 4096  # samples per validation item
     divergence_factor: float = 2.0  # val loss above factor × best → roll back, halve the rate
     max_rollbacks: int = 6  # give up after this many divergence rollbacks
     seed: int = 0  # seeds init, batches, points and gates
@@ -169,22 +154,22 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def evaluate_loss(rep: Representation, signals: Sequence[Signal], objective: Objective,
+def evaluate_loss(rep: Representation, signals: Sequence[Signal], modality,
                   n_points: int | None = None, seed: int = 0, max_batch: int = 16,
                   device: str = "cpu") -> float:
-    """Mean post-adaptation loss over items (fixed points, so runs are comparable)."""
+    """Mean post-adaptation loss over items (fixed samples, so runs are comparable)."""
     losses = []
     if n_points is None:
-        batches = ((c, t, w) for _, c, t, w in full_batches(signals, max_batch))
+        batches = (b for _, b in full_batches(signals, max_batch))
     else:
         g = torch.Generator().manual_seed(seed)
-        batches = (sample_points(signals[i:i + max_batch], n_points, g)
+        batches = (sample_batch(modality, signals[i:i + max_batch], n_points, g)
                    for i in range(0, len(signals), max_batch))
-    for c, t, w in batches:
-        c, t, w = c.to(device), t.to(device), w.to(device)
-        state, ctx = adapt(rep, c, t, w, objective=objective)
+    for b in batches:
+        b = b.to(device)
+        state, ctx = adapt(rep, b, modality)
         with torch.no_grad():
-            losses.append(_loss(rep, state, ctx, c, t, w, objective))
+            losses.append(item_losses(rep, modality, state, ctx, b))
     return float(torch.cat(losses).mean())
 
 
@@ -203,10 +188,12 @@ class _Ema:
 
 
 def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signal],
-               cfg: TrainConfig, objective: Objective | None = None,
+               cfg: TrainConfig, modality,
                on_log: Callable[[dict], None] | None = None) -> TrainResult:
-    """Meta-learn θ0, gates and rates; keeps the best validation state, rolls back on divergence."""
-    objective = objective or Objective()
+    """Meta-learn θ0, gates and rates; keeps the best validation state, rolls back on divergence.
+
+    The modality samples each item (``sample``) and scores it (``objective``).
+    """
     if not train:
         raise ValueError("meta_train needs at least one training signal")
     val = list(val) or list(train[: max(1, len(train) // 8)])
@@ -228,7 +215,7 @@ def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signa
 
     t0 = time.perf_counter()
     if not rep.meta_learned:  # COIN has nothing to meta-learn
-        val_loss = evaluate_loss(rep, val, objective, cfg.val_points, device=str(device))
+        val_loss = evaluate_loss(rep, val, modality, cfg.val_points, device=str(device))
         return TrainResult(val_loss, 0, 0, 0, time.perf_counter() - t0)
 
     params = [p for p in rep.parameters() if p.requires_grad]
@@ -238,11 +225,11 @@ def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signa
 
     def val_loss_now() -> float:
         if ema is None:
-            return evaluate_loss(rep, val, objective, cfg.val_points, device=str(device))
+            return evaluate_loss(rep, val, modality, cfg.val_points, device=str(device))
         live = copy.deepcopy(rep.state_dict())
         rep.load_state_dict(ema.shadow)
         try:
-            return evaluate_loss(rep, val, objective, cfg.val_points, device=str(device))
+            return evaluate_loss(rep, val, modality, cfg.val_points, device=str(device))
         finally:
             rep.load_state_dict(live)
 
@@ -273,13 +260,13 @@ def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signa
     try:
         for step in range(1, cfg.outer_steps + 1):
             idx = torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=gen)
-            c, t, w = sample_points([train[i] for i in idx], cfg.points_per_item, gen)
-            c, t, w = c.to(device), t.to(device), w.to(device)
+            b = sample_batch(modality, [train[i] for i in idx], cfg.points_per_item, gen)
+            b = b.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                state, ctx = adapt(rep, c, t, w, objective=objective, training=True,
+                state, ctx = adapt(rep, b, modality, training=True,
                                    first_order=cfg.first_order,
                                    checkpoint_steps=cfg.checkpoint_steps)
-                loss = _loss(rep, state, ctx, c, t, w, objective).float().mean()
+                loss = item_losses(rep, modality, state, ctx, b).float().mean()
                 total = loss + rep.regularizer()
             opt.zero_grad(set_to_none=True)
             total.backward()

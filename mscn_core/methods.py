@@ -17,9 +17,21 @@ from torch import Tensor, nn
 from .gates import HardConcreteGates, deterministic_gates, sample_gates
 from .siren import GatedSiren, SirenConfig, layer_shapes, siren_forward, siren_init
 
-METHODS = ("mscn", "mscn-grad", "functa", "metasgd-dense", "metasparseinr", "coin")
-PER_ITEM_WEIGHT_METHODS = ("mscn-grad", "metasparseinr")
 GRAD_IMPLS = ("bmm", "vmap")
+# The one method registry: name -> Representation class, filled by @register below.
+# METHODS is rebound to the final tuple of names at the end of this module.
+REGISTRY: dict[str, type[Representation]] = {}
+METHODS: tuple[str, ...] = ()
+
+
+def register(cls: type[Representation]) -> type[Representation]:
+    """Add a representation to the method registry under its ``name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def per_item_weight_methods() -> tuple[str, ...]:
+    return tuple(n for n, c in REGISTRY.items() if c.per_item_weights)
 
 
 @dataclass
@@ -48,14 +60,15 @@ class MethodConfig:
     grad_impl: str = "bmm"  # mscn-grad/metasparseinr: bmm (batched matmuls) or vmap (torch.func)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in REGISTRY:
+            raise ValueError(f"unknown method {self.method!r}; choose one of "
+                             f"{', '.join(REGISTRY)}")
         if self.grad_impl not in GRAD_IMPLS:
             raise ValueError(f"unknown grad_impl {self.grad_impl!r}; choose one of "
                              f"{', '.join(GRAD_IMPLS)}")
-        if self.grad_impl == "vmap" and self.method not in PER_ITEM_WEIGHT_METHODS:
+        if self.grad_impl == "vmap" and self.method not in per_item_weight_methods():
             raise ValueError(f"grad_impl='vmap' applies to the per-item weight methods "
-                             f"({', '.join(PER_ITEM_WEIGHT_METHODS)}), not {self.method!r}")
+                             f"({', '.join(per_item_weight_methods())}), not {self.method!r}")
         if self.inner_steps < 0:
             raise ValueError("inner_steps must be >= 0")
         if not 0 < self.lr_init_low <= self.lr_init_high < 1:
@@ -76,7 +89,8 @@ class Representation(nn.Module):
     """Base class: per-item state, prediction, inner-loop rates and the transmitted code."""
 
     name = "base"
-    meta_learned = True
+    meta_learned = True  # False: nothing shared is learnt, each item is fitted from scratch
+    per_item_weights = False  # the per-item state is a copy of the network's weights
 
     def __init__(self, siren: SirenConfig, cfg: MethodConfig,
                  generator: torch.Generator | None = None):
@@ -137,6 +151,7 @@ class Representation(nn.Module):
         return {"code_size": self.code_size()}
 
 
+@register
 class StructuredMSCN(Representation):
     """§3.3.2: gated per-unit shifts; only modulations adapt (the paper's default)."""
 
@@ -211,6 +226,7 @@ class StructuredMSCN(Representation):
         return out
 
 
+@register
 class DenseMetaSGD(StructuredMSCN):
     """All shifts adapt, no gates (dense MetaSGD modulations)."""
 
@@ -218,6 +234,7 @@ class DenseMetaSGD(StructuredMSCN):
     use_gates = False
 
 
+@register
 class Functa(Representation):
     """Functa: a latent vector, mapped linearly to dense shifts; MetaSGD on the latent."""
 
@@ -254,10 +271,12 @@ def _param_names(siren: SirenConfig) -> list[str]:
     return [f"{kind}{i}" for i in range(siren.depth) for kind in ("w", "b")]
 
 
+@register
 class SparseGradMSCN(Representation):
     """§3.3.1: every weight may adapt, each inner update gated: θ ← θ − α ⊙ z ⊙ ∇θL."""
 
     name = "mscn-grad"
+    per_item_weights = True
 
     def __init__(self, siren, cfg, generator=None):
         super().__init__(siren, cfg, generator)
@@ -309,10 +328,12 @@ class SparseGradMSCN(Representation):
         return dict(zip(_param_names(self.siren_cfg), self._split(flat), strict=True))
 
 
+@register
 class MetaSparseINR(Representation):
     """MetaSparseINR: plain MAML on all surviving weights; magnitude pruning of θ0."""
 
     name = "metasparseinr"
+    per_item_weights = True
 
     def __init__(self, siren, cfg, generator=None):
         super().__init__(siren, cfg, generator)
@@ -366,6 +387,7 @@ class MetaSparseINR(Representation):
         return {"code_size": self.code_size(), "pruning_rounds": self.rounds_done}
 
 
+@register
 class Coin(Representation):
     """COIN-style baseline: a fresh SIREN per item fitted from scratch with Adam."""
 
@@ -393,7 +415,7 @@ class Coin(Representation):
 def build_representation(siren: SirenConfig, cfg: MethodConfig,
                          generator: torch.Generator | None = None) -> Representation:
     cfg.validate()
-    cls = {"mscn": StructuredMSCN, "metasgd-dense": DenseMetaSGD, "functa": Functa,
-           "mscn-grad": SparseGradMSCN, "metasparseinr": MetaSparseINR, "coin": Coin}
-    return cls[cfg.method](siren, cfg, generator)
+    return REGISTRY[cfg.method](siren, cfg, generator)
 
+
+METHODS = tuple(REGISTRY)

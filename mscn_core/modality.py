@@ -1,79 +1,210 @@
-"""The plugin contract (DESIGN §5): what a modality tells the modality-agnostic core."""
+"""The plugin contract, version 2 (DESIGN §5): what a modality tells the modality-agnostic core.
+
+Modelled on xarray's ``BackendEntrypoint``: few required members, the rest optional with
+defaults that serve *pointwise* modalities (fields, shapes). A modality whose signal is
+not a set of network-input points (NeRF: rays) overrides :meth:`Modality.render`, and
+the same rendering then serves the inner loop, the outer loop, evaluation and decoding.
+
+Required: ``name``, ``description``, ``in_dim``, ``out_dim``, :meth:`read`,
+:meth:`to_signal`, :meth:`metrics`, :meth:`reconstruct`, :meth:`save`.
+Optional: everything else, including ``view`` (absent = no viewer).
+
+Vocabulary
+----------
+*item*       whatever ``read`` returns (a DataArray, a mesh, an image array…): the core
+             never looks inside.
+*signal*     :class:`~mscn_core.signals.Signal`: ``coords (N, k)`` sample inputs (network
+             points for pointwise modalities, rays for NeRF), ``targets (N, c)``, a mask.
+*field*      a callable ``points (B, M, in_dim) -> raw network outputs (B, M, out_dim)``,
+             one adapted network per item of the batch.
+*batch*      :class:`~mscn_core.signals.Batch`: ``coords (B, n, k)``, ``targets (B, n, c)``,
+             ``weights (B, n)``, stacked from :meth:`sample` of each signal.
+*predict*    what ``reconstruct`` receives: an item's sample inputs ``(N, k)`` →
+             rendered predictions ``(N, c)``, i.e. :meth:`render` of that item's field.
+"""
 
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from .meta import Objective
-from .signals import Signal
+from .signals import Batch, Signal
 
-PredictFn = Callable[[Tensor], Tensor]  # coords (N, in_dim) -> predictions (N, out_dim)
+CONTRACT_VERSION = 2
+
+Field = Callable[[Tensor], Tensor]  # points (B, M, in_dim) -> raw outputs (B, M, out_dim)
+PredictFn = Callable[[Tensor], Tensor]  # one item's coords (N, k) -> predictions (N, c)
 
 REQUIRED_ATTRIBUTES = ("name", "description", "in_dim", "out_dim")
-REQUIRED_METHODS = ("guess_can_open", "read", "fit_state", "load_state", "state", "to_signal",
-                    "objective", "metrics", "reconstruct", "save", "view")
+REQUIRED_METHODS = ("read", "to_signal", "metrics", "reconstruct", "save")
+OPTIONAL_METHODS = ("guess_can_open", "fit_state", "state", "load_state", "item_template",
+                    "item_label", "sample", "render", "objective", "n_values")
+
+
+def masked_mse(pred: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Per-item mean squared error over weighted points, shape ``(B,)``."""
+    sq = ((pred - targets) ** 2).mean(dim=-1)
+    return (sq * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
 
 
 class Modality:
-    """Base class for modalities; third-party plugins may subclass or just duck-type it.
+    """Base class for modalities; third-party plugins subclass it (or duck-type it fully).
 
-    Items are whatever the plugin reads (a DataArray, a mesh…); the core only ever sees
-    the ``Signal`` a plugin makes of an item, and hands back a ``PredictFn``.
+    Subclasses written for this contract inherit ``contract_version = 2``; a duck-typed
+    object must declare it, and the registry refuses any other version with a message.
     """
 
+    contract_version: ClassVar[int] = CONTRACT_VERSION
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     in_dim: ClassVar[int] = 0
     out_dim: ClassVar[int] = 0
+    # Cheap file detection: leading bytes first (content), then the extension.
+    magic: ClassVar[tuple[bytes, ...]] = ()
     file_extensions: ClassVar[tuple[str, ...]] = ()
+    # Typed per-modality options: a dataclass whose fields (with ``# comments``) the CLI
+    # exposes as flags once it knows the modality; ``None`` = no options.
+    options: ClassVar[type | None] = None
+    # Encode-time budget: samples per inner step when an item has more (bounded memory).
+    points_per_step: ClassVar[int] = 16384
+    # Extra names under which ``mscn view NAME`` reaches this modality's viewer.
+    view_names: ClassVar[tuple[str, ...]] = ()
+    # The viewer, optional: a method ``view(truth, recon, path, options=None,
+    # overwrite=False) -> path`` rendering an item as read back by ``read``.
+    view: ClassVar[Callable[..., Any] | None] = None
 
+    # -- files ------------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
-        return str(path).lower().endswith(self.file_extensions)
+        """Content sniffing (``magic``) before extensions; a plugin may look deeper."""
+        path = str(path)
+        if self.magic and os.path.isfile(path):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(max(len(m) for m in self.magic))
+            except OSError:
+                return False
+            return any(head.startswith(m) for m in self.magic)
+        return path.lower().endswith(self.file_extensions)
 
-    def read(self, path: str | os.PathLike, **options: Any) -> list[Any]:
+    def read(self, path: str | os.PathLike, options: Any = None) -> list[Any]:
+        """Items in a file; ``options`` is an instance of ``self.options`` (or None)."""
         raise NotImplementedError
 
+    # -- training-set state (kept in the checkpoint, costs no bits) -------------------
     def fit_state(self, items: Sequence[Any]) -> None:
-        """Fit training-set statistics (e.g. scaling); kept in the checkpoint."""
-
-    def load_state(self, state: dict) -> None:
-        """Restore what ``state()`` returned from a checkpoint."""
+        """Fit training-set statistics (e.g. value ranges) from the training items."""
 
     def state(self) -> dict:
         return {}
 
-    def to_signal(self, item: Any, resolution: Any = None) -> Signal:
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned from a checkpoint."""
+
+    # -- signals and optimisation -----------------------------------------------------
+    def to_signal(self, item: Any, options: Any = None) -> Signal:
         raise NotImplementedError
 
-    def item_template(self, item: Any, metadata: str = "full") -> dict:
-        """JSON the decoder needs besides ``Signal.meta`` to rebuild the artifact.
-
-        ``metadata="cf"`` asks for the essentials only (the plugin decides what they are).
-        """
+    def item_template(self, item: Any, options: Any = None) -> dict:
+        """JSON the decoder needs besides ``Signal.meta`` to rebuild the artifact."""
         return {}
 
-    def objective(self) -> Objective:
-        return Objective()
+    def item_label(self, item: Any) -> str:
+        """Which item this is, for reports and for keeping train/validation disjoint."""
+        return str(id(item))
+
+    def sample(self, signal: Signal, n: int, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` samples of one signal: ``coords (n, k)``, ``targets (n, c)``, ``weights (n,)``.
+
+        Default: uniform over valid (unmasked) samples, with replacement.
+        """
+        valid = signal.mask.nonzero().squeeze(1) if signal.mask is not None else None
+        n_valid = valid.numel() if valid is not None else signal.n_points
+        pick = torch.randint(n_valid, (n,), generator=generator)
+        if valid is not None:
+            pick = valid[pick]
+        return (signal.coords[pick], signal.targets[pick],
+                torch.ones(n, dtype=signal.coords.dtype))
+
+    def render(self, field: Field, coords: Tensor) -> Tensor:
+        """Predictions of the targets from sample inputs ``(B, n, k) -> (B, n, c)``.
+
+        Pointwise default: the field at the points. NeRF samples along rays and
+        volume-renders here.
+        """
+        return field(coords)
+
+    def objective(self, field: Field, batch: Batch) -> Tensor:
+        """Per-item losses ``(B,)``: the inner loop, the outer loop and validation use it."""
+        return masked_mse(self.render(field, batch.coords), batch.targets, batch.weights)
+
+    def n_values(self, signal: Signal) -> int:
+        """The denominator of bits per value (grid values, pixels…), not sample counts."""
+        return signal.n_points * signal.targets.shape[1]
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
+        """Quality of ``pred`` (= render of all ``signal.coords``) against the targets."""
         raise NotImplementedError
 
-    def reconstruct(self, meta: dict, predict: PredictFn, resolution: Any = None) -> Any:
+    # -- artifacts --------------------------------------------------------------------
+    def reconstruct(self, meta: dict, predict: PredictFn, options: Any = None,
+                    template: Any = None) -> Any:
+        """The user-facing artifact from an item's ``meta`` and its ``predict``.
+
+        ``template`` is the original item when it is at hand (``fit``); when decoding a
+        stream it is ``None`` and ``meta["template"]`` (from :meth:`item_template`) is all
+        there is. ``options`` may ask for another resolution.
+        """
         raise NotImplementedError
 
-    def save(self, artifact: Any, path: str | os.PathLike, overwrite: bool = False) -> None:
+    def save(self, artifacts: list[Any], path: str | os.PathLike, overwrite: bool = False,
+             provenance: dict | None = None) -> Any:
+        """Write artifacts atomically; ``provenance`` (checkpoint hash, bits per value) is
+        for formats that carry attributes."""
         raise NotImplementedError
 
-    def view(self, truth: Any, recon: Any, path: str | os.PathLike, stats: dict) -> Any:
-        raise NotImplementedError
+
+_DEFAULT_ATTRIBUTES = {"magic": (), "file_extensions": (), "options": None,
+                       "points_per_step": Modality.points_per_step, "view_names": (),
+                       "view": None}
+
+
+def with_defaults(obj: Any) -> Any:
+    """A duck-typed plugin gets the base class's optional members it does not define."""
+    if isinstance(obj, Modality):
+        return obj
+    for meth in OPTIONAL_METHODS:
+        if not callable(getattr(obj, meth, None)):
+            setattr(obj, meth, types.MethodType(getattr(Modality, meth), obj))
+    for attr, value in _DEFAULT_ATTRIBUTES.items():
+        if not hasattr(obj, attr):
+            setattr(obj, attr, value)
+    return obj
+
+
+def default_options(modality: Any) -> Any:
+    """An instance of the modality's options dataclass with its defaults, or None."""
+    cls = getattr(modality, "options", None)
+    return cls() if isinstance(cls, type) else None
+
+
+def has_view(modality: Any) -> bool:
+    return callable(getattr(modality, "view", None))
 
 
 def contract_problems(obj: Any) -> list[str]:
-    """What an entry point's object lacks to be a modality (empty list: fine)."""
+    """What an entry point's object lacks to be a v2 modality (empty list: fine)."""
+    version = getattr(obj, "contract_version", None)
+    if version != CONTRACT_VERSION:
+        said = "declares no contract_version (written for v1)" if version is None else \
+            f"targets plugin contract v{version}"
+        return [f"{said}; this mscn speaks contract v{CONTRACT_VERSION} "
+                "(see docs/plugins.md)"]
     problems = []
     for attr in REQUIRED_ATTRIBUTES:
         if not hasattr(obj, attr):
@@ -83,6 +214,18 @@ def contract_problems(obj: Any) -> list[str]:
             problems.append(f"missing method {meth}()")
     for dim in ("in_dim", "out_dim"):
         v = getattr(obj, dim, None)
-        if v is not None and (not isinstance(v, int) or v < 1):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             problems.append(f"{dim} must be a positive int, got {v!r}")
+    name = getattr(obj, "name", None)
+    if name is not None and (not isinstance(name, str) or not name):
+        problems.append(f"name must be a non-empty str, got {name!r}")
+    opts = getattr(obj, "options", None)
+    if opts is not None:
+        import dataclasses
+
+        if not (isinstance(opts, type) and dataclasses.is_dataclass(opts)):
+            problems.append(f"options must be a dataclass type or None, got {opts!r}")
+    view = getattr(obj, "view", None)
+    if view is not None and not callable(view):
+        problems.append("view must be a method or None")
     return problems

@@ -22,7 +22,7 @@ from .meta import TrainConfig, adapt, meta_train
 from .methods import MethodConfig, build_representation
 from .quantize import QuantizerStats, UniformQuantizer, fit_stats
 from .registry import get_modality
-from .signals import Signal, full_batches
+from .signals import Signal, full_batches, sample_batch
 from .siren import SirenConfig
 
 BIT_DEPTHS = tuple(range(2, 9))
@@ -31,14 +31,14 @@ CLIP_SIGMA = 3.0
 
 def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[Any],
                      siren: SirenConfig, method: MethodConfig, train: TrainConfig,
-                     info: dict | None = None) -> Checkpoint:
+                     info: dict | None = None, options: Any = None) -> Checkpoint:
     """Meta-train on items of a modality and fit the codec: a ready-to-use checkpoint."""
     modality.fit_state(list(train_items) + list(val_items))
-    tr = [modality.to_signal(i) for i in train_items]
-    va = [modality.to_signal(i) for i in val_items]
+    tr = [modality.to_signal(i, options) for i in train_items]
+    va = [modality.to_signal(i, options) for i in val_items]
     siren.in_dim, siren.out_dim = modality.in_dim, modality.out_dim
     rep = build_representation(siren, method, torch.Generator().manual_seed(train.seed))
-    result = meta_train(rep, tr, va, train, modality.objective())
+    result = meta_train(rep, tr, va, train, modality)
     rep.eval()
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     ck = Checkpoint(rep, modality.name, modality.state(),
@@ -50,11 +50,28 @@ def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[A
 
 
 def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int | None = None,
-                max_batch: int = 16) -> Tensor:
-    """The transmitted values (B, code_size) for each signal after the inner loop."""
+                max_batch: int = 16, points_per_step: int | None = None,
+                seed: int = 0) -> Tensor:
+    """The transmitted values (B, code_size) for each signal after the inner loop.
+
+    Items of at most ``points_per_step`` samples (default: the modality's budget) adapt on
+    all of them; larger items draw that many by the modality's sampler at every inner
+    step (seeded, so encoding is reproducible), so memory stays bounded at any size.
+    """
+    budget = points_per_step or getattr(modality, "points_per_step", 16384)
     out: list[Tensor | None] = [None] * len(signals)
-    for idx, c, t, w in full_batches(signals, max_batch):
-        state, _ = adapt(ck.rep, c, t, w, objective=modality.objective(), steps=steps)
+    small = [i for i, s in enumerate(signals) if s.n_points <= budget]
+    large = [i for i in range(len(signals)) if signals[i].n_points > budget]
+    jobs = [([small[j] for j in idx], b, None)
+            for idx, b in full_batches([signals[i] for i in small], max_batch)]
+    for start in range(0, len(large), max_batch):
+        chunk = large[start:start + max_batch]
+        sigs = [signals[i] for i in chunk]
+        g = torch.Generator().manual_seed(seed)
+        jobs.append((chunk, sample_batch(modality, sigs, budget, g),
+                     lambda k, sigs=sigs, g=g: sample_batch(modality, sigs, budget, g)))
+    for idx, batch, resample in jobs:
+        state, _ = adapt(ck.rep, batch, modality, steps=steps, resample=resample)
         with torch.no_grad():
             codes = ck.rep.code_values({k: v.detach() for k, v in state.items()})
         for j, i in enumerate(idx):
@@ -63,14 +80,16 @@ def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int 
 
 
 def predictor(ck: Checkpoint, modality, code: Tensor, chunk: int = 65536):
-    """A ``PredictFn`` for one item from its transmitted values."""
+    """A ``PredictFn`` for one item: its sample inputs → the modality's rendered predictions."""
     state = ck.rep.state_from_code(code.reshape(1, -1))
     ctx = ck.rep.context(1, training=False)
-    transform = modality.objective().transform
+
+    def field(points: Tensor) -> Tensor:
+        return ck.rep.predict(state, ctx, points)
 
     def predict(coords: Tensor) -> Tensor:
         with torch.no_grad():
-            parts = [transform(ck.rep.predict(state, ctx, coords[i:i + chunk][None]))[0]
+            parts = [modality.render(field, coords[i:i + chunk][None])[0]
                      for i in range(0, coords.shape[0], chunk)]
         return torch.cat(parts)
 
@@ -161,18 +180,19 @@ _MISSING = object()
 
 
 def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
-                 with_metrics: bool = True, metadata: str = "full"
-                 ) -> tuple[bytes, EncodeReport]:
+                 with_metrics: bool = True, options: Any = None,
+                 points_per_step: int | None = None) -> tuple[bytes, EncodeReport]:
     """Adapt, quantise and entropy-code items into one .mscn stream."""
     if modality.name != ck.modality:
         raise ValueError(f"checkpoint is for modality {ck.modality!r}, not {modality.name!r}")
-    signals = [modality.to_signal(i) for i in items]
-    codes = adapt_codes(ck, modality, signals)
+    signals = [modality.to_signal(i, options) for i in items]
+    n_values = [int(modality.n_values(s)) for s in signals]
+    codes = adapt_codes(ck, modality, signals, points_per_step=points_per_step)
     symbols, dequant = quantize_codes(ck, codes, bits)
     _, model = quantizer(ck, bits)
     payloads = [encode_symbols(s, model) for s in symbols]
-    metas = [dict(s.meta, template=modality.item_template(i, metadata)) for s, i in zip(
-        signals, items, strict=True)]
+    metas = [dict(s.meta, template=modality.item_template(i, options), n_values=n)
+             for s, i, n in zip(signals, items, n_values, strict=True)]
     common, per_item = split_common(metas)
     data = bs.write_bitstream(checkpoint_hash=ck.sha256, modality=modality.name, bits=bits,
                               items_meta=per_item, payloads=payloads,
@@ -181,14 +201,28 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
     if with_metrics:
         for s, code in zip(signals, dequant, strict=True):
             metrics.append(modality.metrics(s, predictor(ck, modality, code)(s.coords)))
-    n_values = sum(s.n_values for s in signals)
+    total = sum(n_values)
     payload = sum(len(p) for p in payloads)
-    return data, EncodeReport(len(data), payload, n_values, 8 * len(data) / n_values,
-                              8 * payload / n_values, metrics)
+    return data, EncodeReport(len(data), payload, total, 8 * len(data) / total,
+                              8 * payload / total, metrics)
 
 
-def decode_stream(data: bytes, ck: Checkpoint, resolution: Any = None
-                  ) -> tuple[Any, list[Any], bs.Bitstream]:
+@dataclass
+class Decoded:
+    """What a stream decodes to: the plugin, its artifacts, and the stream's numbers."""
+
+    modality: Any
+    artifacts: list[Any]
+    stream: bs.Bitstream
+    n_bytes: int
+    n_values: int  # of the signals encoded (the modality's n_values, kept in the stream)
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8 * self.n_bytes / max(self.n_values, 1)
+
+
+def decode_stream(data: bytes, ck: Checkpoint, options: Any = None) -> Decoded:
     """Bytes → artifacts, rebuilt by the plugin named in the stream."""
     stream = bs.read_bitstream(data, expected_checkpoint_hash=ck.sha256)
     modality = get_modality(stream.modality)
@@ -196,13 +230,14 @@ def decode_stream(data: bytes, ck: Checkpoint, resolution: Any = None
     common = stream.extra.get("common", {})
     q, model = quantizer(ck, stream.bits)
     n_code = ck.rep.code_size()
-    artifacts = []
+    artifacts, n_values = [], 0
     for i, payload in enumerate(stream.payloads):
         symbols = decode_symbols(payload, n_code, model)
         code = torch.from_numpy(q.dequantize(symbols[None])).float()[0]
         meta = merge_common(common, stream.items_meta[i])
-        artifacts.append(modality.reconstruct(meta, predictor(ck, modality, code), resolution))
-    return modality, artifacts, stream
+        n_values += int(meta.get("n_values", 0))
+        artifacts.append(modality.reconstruct(meta, predictor(ck, modality, code), options))
+    return Decoded(modality, artifacts, stream, len(data), n_values)
 
 
 def psnr(mse: float) -> float:
@@ -216,16 +251,22 @@ def _as_checkpoint(checkpoint: Checkpoint | str) -> Checkpoint:
 
 
 def encode(items: Sequence[Any] | Any, checkpoint: Checkpoint | str, bits: int = 6,
-           metadata: str = "full") -> bytes:
-    """Items of the checkpoint's modality (e.g. 2-D DataArrays) → one .mscn stream."""
+           options: Any = None) -> bytes:
+    """Items of the checkpoint's modality (e.g. 2-D DataArrays) → one .mscn stream.
+
+    ``options``: the modality's options dataclass (e.g. which metadata to keep).
+    """
     ck = _as_checkpoint(checkpoint)
     modality = get_modality(ck.modality)
     modality.load_state(ck.modality_state)
     items = list(items) if isinstance(items, list | tuple) else [items]
     return encode_items(ck, modality, items, bits=bits, with_metrics=False,
-                        metadata=metadata)[0]
+                        options=options)[0]
 
 
-def decode(data: bytes, checkpoint: Checkpoint | str, resolution: Any = None) -> list[Any]:
-    """A .mscn stream → the artifacts (e.g. DataArrays), rebuilt by the named plugin."""
-    return decode_stream(data, _as_checkpoint(checkpoint), resolution)[1]
+def decode(data: bytes, checkpoint: Checkpoint | str, options: Any = None) -> list[Any]:
+    """A .mscn stream → the artifacts (e.g. DataArrays), rebuilt by the named plugin.
+
+    ``options``: the modality's options dataclass (e.g. an output resolution).
+    """
+    return decode_stream(data, _as_checkpoint(checkpoint), options).artifacts

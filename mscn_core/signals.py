@@ -1,9 +1,10 @@
-"""Signals as the core sees them: coordinates, targets and a validity mask, nothing more."""
+"""Signals and batches as the core sees them: sample inputs, targets, weights, nothing more."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -11,9 +12,11 @@ from torch import Tensor
 
 @dataclass
 class Signal:
-    """One item: ``coords (N, in_dim)``, ``targets (N, out_dim)``, optional ``mask (N,)``.
+    """One item: ``coords (N, k)``, ``targets (N, c)``, optional boolean ``mask (N,)``.
 
-    ``meta`` is JSON-serialisable and is what the plugin needs to rebuild the artifact.
+    ``coords`` are whatever the modality's ``render`` consumes per sample: network input
+    points for pointwise modalities (``k = in_dim``), rays for NeRF. ``meta`` is
+    JSON-serialisable and is what the plugin needs to rebuild the artifact.
     """
 
     coords: Tensor
@@ -23,7 +26,7 @@ class Signal:
 
     def __post_init__(self):
         if self.coords.dim() != 2 or self.targets.dim() != 2:
-            raise ValueError("Signal needs coords (N, in_dim) and targets (N, out_dim)")
+            raise ValueError("Signal needs coords (N, k) and targets (N, c)")
         if self.coords.shape[0] != self.targets.shape[0]:
             raise ValueError(f"coords has {self.coords.shape[0]} points, "
                              f"targets {self.targets.shape[0]}")
@@ -34,40 +37,41 @@ class Signal:
     def n_points(self) -> int:
         return self.coords.shape[0]
 
-    @property
-    def n_values(self) -> int:
-        """Number of values of the signal, the denominator of bits per value."""
-        return self.coords.shape[0] * self.targets.shape[1]
+
+class Batch(NamedTuple):
+    """B items' samples stacked: ``coords (B, n, k)``, ``targets (B, n, c)``, ``weights (B, n)``."""
+
+    coords: Tensor
+    targets: Tensor
+    weights: Tensor
+
+    def to(self, device: Any) -> Batch:
+        return Batch(*(t.to(device) for t in self))
 
 
-def sample_points(signals: Sequence[Signal], n_points: int,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Random valid points per item, stacked ``(B, n, ·)``; unmasked points only."""
-    coords, targets = [], []
-    for s in signals:
-        valid = s.mask.nonzero().squeeze(1) if s.mask is not None else None
-        n_valid = valid.numel() if valid is not None else s.n_points
-        pick = torch.randint(n_valid, (n_points,), generator=generator)
-        if valid is not None:
-            pick = valid[pick]
-        coords.append(s.coords[pick])
-        targets.append(s.targets[pick])
-    c, t = torch.stack(coords), torch.stack(targets)
-    return c, t, torch.ones(c.shape[:2], dtype=c.dtype)
+def sample_batch(modality: Any, signals: Sequence[Signal], n: int,
+                 generator: torch.Generator | None = None) -> Batch:
+    """``n`` samples of every signal by the modality's own sampler, stacked."""
+    parts = [modality.sample(s, n, generator) for s in signals]
+    c, t, w = (torch.stack(x) for x in zip(*parts, strict=True))
+    return Batch(c, t, w.to(c.dtype))
+
+
+def whole_signal(signal: Signal) -> Batch:
+    """Every sample of one signal as a batch of one (mask → weights)."""
+    w = (signal.mask.to(signal.coords.dtype) if signal.mask is not None
+         else torch.ones(signal.n_points, dtype=signal.coords.dtype))
+    return Batch(signal.coords[None], signal.targets[None], w[None])
 
 
 def full_batches(signals: Sequence[Signal], max_batch: int = 16
-                 ) -> Iterator[tuple[list[int], Tensor, Tensor, Tensor]]:
-    """All points of every item, in batches of items with the same number of points."""
+                 ) -> Iterator[tuple[list[int], Batch]]:
+    """All samples of every item, in batches of items with the same number of samples."""
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(signals):
         groups.setdefault(s.n_points, []).append(i)
     for idx in groups.values():
         for start in range(0, len(idx), max_batch):
             chunk = idx[start:start + max_batch]
-            c = torch.stack([signals[i].coords for i in chunk])
-            t = torch.stack([signals[i].targets for i in chunk])
-            w = torch.stack([
-                signals[i].mask.to(c.dtype) if signals[i].mask is not None
-                else torch.ones(signals[i].n_points, dtype=c.dtype) for i in chunk])
-            yield chunk, c, t, w
+            parts = [whole_signal(signals[i]) for i in chunk]
+            yield chunk, Batch(*(torch.cat(x) for x in zip(*parts, strict=True)))

@@ -9,12 +9,15 @@ the checkpoint has never seen is scaled by its own field range, carried in the i
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import os
 import warnings
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -132,22 +135,93 @@ def template_field(tmpl: dict) -> xr.DataArray:
                         coords=decoded.coords, name=tmpl["name"], attrs=tmpl["attrs"])
 
 
+@dataclass
+class SphereOptions:
+    """What a climate user picks: which variable and fields, which output grid."""
+
+    var: str | None = None  # variable to use (default: the only one with lat/lon)
+    # select along a dimension, e.g. --sel isobaricInhPa=850 (repeatable)
+    sel: list[str] = field(default_factory=list)
+    # write or decode on a global grid of this spacing (degrees) instead of the input's
+    resolution: float | None = None
+    # metadata kept in a stream: every attribute (full) or the CF essentials (cf)
+    metadata: Literal["full", "cf"] = "full"
+    # meta-train: validation fields = --sel plus these (overriding), e.g. number=7;
+    # replaces the random split
+    val_sel: list[str] = field(default_factory=list)
+
+    def validation(self) -> SphereOptions | None:
+        """Options that select the validation items (None: the core splits at random)."""
+        if not self.val_sel:
+            return None
+        return dataclasses.replace(self, sel=list(self.sel) + list(self.val_sel), val_sel=[])
+
+
+def _options(options: SphereOptions | None, **overrides: Any) -> SphereOptions:
+    opts = options if options is not None else SphereOptions()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(opts, **given) if given else opts
+
+
+NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
+
+
 class SphereModality(Modality):
     name = "sphere"
     description = "global lat/lon climate fields (NetCDF/zarr) on the unit sphere"
     in_dim = 3
     out_dim = 1
-    file_extensions = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".zarr")
+    magic = NETCDF_MAGIC
+    file_extensions = (".nc", ".nc4", ".netcdf", ".cdf", ".zarr")
+    options = SphereOptions
+    points_per_step = 65536  # a 0.25° global field (1M points) adapts on 64k per step
+    view_names = ("globe",)
 
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
 
     # -- reading ----------------------------------------------------------------------
-    def read(self, path: str | os.PathLike, var: str | None = None,
-             sel: dict | Sequence[str] | None = None, **_: Any) -> list[xr.DataArray]:
+    def guess_can_open(self, path: str | os.PathLike) -> bool:
+        """NetCDF/HDF5/zarr content with at least one variable on a lat/lon grid.
+
+        HDF5 is shared with voxel/SDF files, so the magic alone does not decide.
+        """
+        p = Path(path)
+        if p.is_dir():
+            if not any((p / f).exists() for f in (".zgroup", ".zmetadata", "zarr.json")):
+                return False
+        elif not super().guess_can_open(p):
+            return False
+        try:
+            ds = climate.open_climate(p)
+        except Exception:  # noqa: BLE001 - not a file this plugin reads
+            return False
+        try:
+            for v in ds.data_vars.values():
+                try:
+                    climate.find_lat_lon(v)
+                    return True
+                except climate.ClimateDataError:
+                    continue
+            return False
+        finally:
+            ds.close()
+
+    def read(self, path: str | os.PathLike, options: SphereOptions | None = None, *,
+             var: str | None = None, sel: dict | Sequence[str] | None = None
+             ) -> list[xr.DataArray]:
+        """2-D fields of one variable; ``var``/``sel`` override ``options`` (Python API)."""
+        opts = _options(options)
+        var = var if var is not None else opts.var
+        sel = sel if sel is not None else (opts.sel or None)
         if sel is not None and not isinstance(sel, dict):
             sel = climate.parse_sel(list(sel))
         return climate.field_items([path], var=var, sel=sel)
+
+    def item_label(self, item: xr.DataArray) -> str:
+        """Variable, scalar coordinates (time, member, level) and shape."""
+        scal = sorted((str(k), str(v.values)) for k, v in item.coords.items() if v.ndim == 0)
+        return f"{item.name}|{scal}|{item.shape}"
 
     # -- training-set state -----------------------------------------------------------
     def fit_state(self, items: Sequence[xr.DataArray]) -> None:
@@ -176,7 +250,7 @@ class SphereModality(Modality):
         return lo, (hi if hi > lo else lo + 1.0), "own field range (variable not in checkpoint)"
 
     # -- signals ----------------------------------------------------------------------
-    def to_signal(self, item: xr.DataArray, resolution: Any = None) -> Signal:
+    def to_signal(self, item: xr.DataArray, options: SphereOptions | None = None) -> Signal:
         values, lat, lon, _ = climate.normalize_field(item)
         lo, hi, how = self.scale_for(item)
         vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
@@ -197,9 +271,13 @@ class SphereModality(Modality):
                       torch.from_numpy(scaled).float(),
                       None if finite.all() else torch.from_numpy(finite), meta)
 
-    def item_template(self, item: xr.DataArray, metadata: str = "full") -> dict:
+    def item_template(self, item: xr.DataArray, options: SphereOptions | None = None) -> dict:
         """``metadata="cf"`` keeps only CF attributes (units, names, calendar…): fewer bytes."""
-        return field_template(item, metadata)
+        return field_template(item, _options(options).metadata)
+
+    def n_values(self, signal: Signal) -> int:
+        """Grid cells of the field, masked (land) cells included: the file's values."""
+        return signal.n_points
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
         lo, hi = signal.meta["scale"]
@@ -218,11 +296,12 @@ class SphereModality(Modality):
                 "scale_min": lo, "scale_max": hi}
 
     # -- artifacts --------------------------------------------------------------------
-    def reconstruct(self, meta: dict, predict: PredictFn, resolution: Any = None,
+    def reconstruct(self, meta: dict, predict: PredictFn, options: SphereOptions | None = None,
                     template: xr.DataArray | None = None) -> xr.DataArray:
-        """The field as a DataArray; ``resolution`` in degrees gives a new global grid."""
+        """The field as a DataArray; ``options.resolution`` (degrees) gives a new global grid."""
         if template is None:
             template = template_field(meta["template"])
+        resolution = _options(options).resolution
         lo, hi = meta["scale"]
         if resolution is None:
             _, lat, lon, _ = climate.normalize_field(template.fillna(0))
@@ -244,16 +323,39 @@ class SphereModality(Modality):
         out.attrs["mscn_scale_min"], out.attrs["mscn_scale_max"] = float(lo), float(hi)
         return out
 
-    def save(self, artifact: xr.DataArray | list[xr.DataArray], path: str | os.PathLike,
-             overwrite: bool = False) -> None:
-        obj = climate.stack_fields(artifact) if isinstance(artifact, list) else artifact
-        climate.write_netcdf(obj, path, overwrite=overwrite)
+    def save(self, artifacts: xr.DataArray | list[xr.DataArray], path: str | os.PathLike,
+             overwrite: bool = False, provenance: dict | None = None) -> Path:
+        """One NetCDF; provenance (checkpoint hash, bits per value) becomes attributes."""
+        fields = artifacts if isinstance(artifacts, list) else [artifacts]
+        for a in fields:
+            a.attrs.update({f"mscn_{k}": v for k, v in (provenance or {}).items()})
+        obj = climate.stack_fields(fields) if len(fields) > 1 or isinstance(
+            artifacts, list) else fields[0]
+        return climate.write_netcdf(obj, path, overwrite=overwrite)
 
     def view(self, truth: xr.DataArray, recon: xr.DataArray, path: str | os.PathLike,
-             stats: dict) -> Any:
+             options: SphereOptions | None = None, overwrite: bool = False) -> Path:
+        """Truth / reconstruction / error on maps and globes, with PSNR, RMSE and bits."""
         from mscn_viewers.globe import render_globe
 
-        return render_globe(truth, recon, path, stats=stats)
+        return render_globe(truth, recon, path, stats=globe_stats(truth, recon),
+                            overwrite=overwrite)
+
+
+def globe_stats(truth: xr.DataArray, recon: xr.DataArray) -> dict:
+    """PSNR on the checkpoint's scaling (kept in the recon's attrs), RMSE, bits if decoded."""
+    from mscn_viewers.globe import error_on_truth_grid
+
+    err = np.asarray(error_on_truth_grid(truth, recon).values, dtype=np.float64)
+    rmse = float(np.sqrt(np.nanmean(err**2)))
+    stats = {}
+    lo, hi = recon.attrs.get("mscn_scale_min"), recon.attrs.get("mscn_scale_max")
+    if lo is not None and hi is not None and rmse > 0:
+        stats["psnr"] = 20 * math.log10((float(hi) - float(lo)) / rmse)
+    stats["rmse"] = rmse
+    if "mscn_bits_per_value" in recon.attrs:
+        stats["bits_per_value"] = float(recon.attrs["mscn_bits_per_value"])
+    return stats
 
 
 @xr.register_dataarray_accessor("mscn")
@@ -279,6 +381,7 @@ class MscnAccessor:
         codes = adapt_codes(ck, modality, signals, steps=steps)
         if bits:
             _, codes = quantize_codes(ck, codes, bits)
-        recon = [modality.reconstruct(s.meta, predictor(ck, modality, c), resolution, template=f)
+        opts = SphereOptions(resolution=resolution)
+        recon = [modality.reconstruct(s.meta, predictor(ck, modality, c), opts, template=f)
                  for s, c, f in zip(signals, codes, fields, strict=True)]
         return recon[0] if self._da.ndim == 2 else climate.stack_fields(recon)
