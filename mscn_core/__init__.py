@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "Objective": "meta", "TrainConfig": "meta", "adapt": "meta", "meta_train": "meta",
+    "TrainConfig": "meta", "adapt": "meta", "meta_train": "meta",
+    "Batch": "signals", "CONTRACT_VERSION": "modality",
     "METHODS": "methods", "MethodConfig": "methods", "build_representation": "methods",
     "Modality": "modality", "decode": "pipeline", "encode": "pipeline", "Signal": "signals",
     "GatedSiren": "siren", "SirenConfig": "siren",
@@ -22,11 +23,11 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
-    from .meta import Objective, TrainConfig, adapt, meta_train  # noqa: F401
+    from .meta import TrainConfig, adapt, meta_train  # noqa: F401
     from .methods import METHODS, MethodConfig, build_representation  # noqa: F401
-    from .modality import Modality  # noqa: F401
+    from .modality import CONTRACT_VERSION, Modality  # noqa: F401
     from .pipeline import decode, encode  # noqa: F401
-    from .signals import Signal  # noqa: F401
+    from .signals import Batch, Signal  # noqa: F401
     from .siren import GatedSiren, SirenConfig  # noqa: F401
 
 

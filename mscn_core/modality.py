@@ -75,7 +75,8 @@ class Modality:
     # Extra names under which ``mscn view NAME`` reaches this modality's viewer.
     view_names: ClassVar[tuple[str, ...]] = ()
     # The viewer, optional: a method ``view(truth, recon, path, options=None,
-    # overwrite=False) -> path`` rendering an item as read back by ``read``.
+    # overwrite=False) -> path`` rendering an item beside its reconstruction, both as
+    # ``read`` returns them; it may accept ``animation=PATH`` (``mscn view --gif``).
     view: ClassVar[Callable[..., Any] | None] = None
 
     # -- files ------------------------------------------------------------------------

@@ -334,12 +334,17 @@ class SphereModality(Modality):
         return climate.write_netcdf(obj, path, overwrite=overwrite)
 
     def view(self, truth: xr.DataArray, recon: xr.DataArray, path: str | os.PathLike,
-             options: SphereOptions | None = None, overwrite: bool = False) -> Path:
-        """Truth / reconstruction / error on maps and globes, with PSNR, RMSE and bits."""
-        from mscn_viewers.globe import render_globe
+             options: SphereOptions | None = None, overwrite: bool = False,
+             animation: str | os.PathLike | None = None) -> Path:
+        """Truth / reconstruction / error on maps and globes, with PSNR, RMSE and bits;
+        ``animation``: also a rotating globe of the reconstruction (GIF)."""
+        from mscn_viewers.globe import render_globe, rotating_globe_gif
 
-        return render_globe(truth, recon, path, stats=globe_stats(truth, recon),
-                            overwrite=overwrite)
+        out = render_globe(truth, recon, path, stats=globe_stats(truth, recon),
+                           overwrite=overwrite)
+        if animation is not None:
+            rotating_globe_gif(recon, animation)
+        return out
 
 
 def globe_stats(truth: xr.DataArray, recon: xr.DataArray) -> dict:
