@@ -16,6 +16,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 from .meta import TrainConfig
@@ -506,12 +507,18 @@ def build_parser(modality=None) -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a plugin name conflict, a field outside the training range) as one line."""
+    print(f"mscn: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bitstream import BitstreamError
     from .checkpoint import CheckpointError
     from .registry import ModalityError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _one_line_warning
     try:
         modality = resolve_modality(argv)
     except ModalityError as err:

@@ -226,6 +226,13 @@ def contract_problems(obj: Any) -> list[str]:
 
         if not (isinstance(opts, type) and dataclasses.is_dataclass(opts)):
             problems.append(f"options must be a dataclass type or None, got {opts!r}")
+        else:
+            missing = [f.name for f in dataclasses.fields(opts)
+                       if f.default is dataclasses.MISSING
+                       and f.default_factory is dataclasses.MISSING]
+            if missing:
+                problems.append(f"options {opts.__name__}: every field needs a default "
+                                f"(the CLI makes them flags); none for {', '.join(missing)}")
     view = getattr(obj, "view", None)
     if view is not None and not callable(view):
         problems.append("view must be a method or None")

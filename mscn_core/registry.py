@@ -10,7 +10,9 @@ warning; the built-in wins unless the user picks the other as ``DIST:NAME``.
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -111,7 +113,8 @@ def _load(spec: _Spec) -> tuple[object | None, ModalityInfo]:
     except (Exception, SystemExit) as err:  # noqa: BLE001 - a plugin's failure is reported
         info.status, info.error = "error", f"{type(err).__name__}: {err}"
         return None, info
-    if isinstance(instance, str | int | float | bytes | list | dict | tuple) or instance is None:
+    if (isinstance(instance, str | int | float | bytes | list | dict | tuple) or instance is None
+            or inspect.isroutine(instance) or inspect.ismodule(instance)):
         info.status = "error"
         info.error = (f"entry point gives a {type(instance).__name__}, not a modality class "
                       "or instance")
@@ -121,11 +124,18 @@ def _load(spec: _Spec) -> tuple[object | None, ModalityInfo]:
         info.status, info.error = "error", "breaks the contract: " + "; ".join(problems)
         return None, info
     instance = with_defaults(instance)
+    try:
+        opts = default_options(instance)
+    except Exception as err:  # noqa: BLE001 - e.g. a field without a default
+        info.status = "error"
+        info.error = (f"options {getattr(instance.options, '__name__', instance.options)} "
+                      f"cannot be built from its defaults (every field needs one): "
+                      f"{type(err).__name__}: {err}")
+        return None, info
     info.status = "ok"
     info.description = str(instance.description)
     info.in_dim, info.out_dim = int(instance.in_dim), int(instance.out_dim)
     info.contract_version = int(instance.contract_version)
-    opts = default_options(instance)
     info.options = sorted(vars(opts)) if opts is not None else []
     info.viewer = has_view(instance)
     return instance, info
@@ -189,7 +199,9 @@ def get_modality(name: str):
         raise ModalityError(f"modality {spec.name!r} from {info.distribution} is broken: "
                             f"{info.error}")
     obj = spec.entry_point.load()  # already imported by _load: a dictionary lookup
-    return with_defaults(obj()) if isinstance(obj, type) else instance
+    # A class gives a fresh instance; an instance entry point is copied, so state
+    # loaded from one checkpoint never leaks into the next user.
+    return with_defaults(obj()) if isinstance(obj, type) else copy.copy(instance)
 
 
 def guess_modality(path: str | os.PathLike) -> str:

@@ -163,6 +163,24 @@ def _options(options: SphereOptions | None, **overrides: Any) -> SphereOptions:
     return dataclasses.replace(opts, **given) if given else opts
 
 
+def _on_lat_lon(var: xr.DataArray) -> bool:
+    """A variable on latitude/longitude axes that carry plausible degree values.
+
+    Dimension names alone (``x``/``y``/``z`` of a voxel grid) are not enough.
+    """
+    try:
+        lat, lon = climate.find_lat_lon(var)
+    except climate.ClimateDataError:
+        return False
+    if lat not in var.coords or lon not in var.coords:
+        return False
+    la, lo = np.asarray(var[lat].values), np.asarray(var[lon].values)
+    if la.dtype.kind not in "fiu" or lo.dtype.kind not in "fiu" or la.size < 2 or lo.size < 2:
+        return False
+    return bool(np.nanmin(la) >= -90.01 and np.nanmax(la) <= 90.01
+                and np.nanmax(lo) - np.nanmin(lo) <= 360.01)
+
+
 NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
 
 
@@ -197,13 +215,7 @@ class SphereModality(Modality):
         except Exception:  # noqa: BLE001 - not a file this plugin reads
             return False
         try:
-            for v in ds.data_vars.values():
-                try:
-                    climate.find_lat_lon(v)
-                    return True
-                except climate.ClimateDataError:
-                    continue
-            return False
+            return any(_on_lat_lon(v) for v in ds.data_vars.values())
         finally:
             ds.close()
 
