@@ -185,8 +185,17 @@ def cmd_meta_train(args) -> int:
     if val_options is not None or args.val_data:
         val = _read_items(modality, args.val_data or args.data,
                           val_options if val_options is not None else options)
-        held = {modality.item_label(v) for v in val}
-        train = [i for i in items if modality.item_label(i) not in held]  # never train on val
+        from .modality import Modality
+
+        if getattr(type(modality), "item_label", None) is Modality.item_label:
+            if not args.val_data or set(map(str, args.val_data)) & set(map(str, args.data)):
+                raise ValueError(f"modality {modality.name!r} cannot tell its items apart "
+                                 "(no item_label); give --val-data files that are not in "
+                                 "--data")
+            train = items
+        else:
+            held = {modality.item_label(v) for v in val}
+            train = [i for i in items if modality.item_label(i) not in held]  # never on val
         if not train:
             raise SystemExit("error: every training item is also a validation item")
     else:
@@ -335,7 +344,11 @@ def cmd_view(args) -> int:
         raise SystemExit(f"error: --index {args.index} out of range (0..{len(truth) - 1})")
     t = truth[args.index]
     r = recon[args.index] if len(recon) == len(truth) else recon[0]
-    extra = {"animation": args.gif} if args.gif else {}
+    extra = {}
+    if args.gif:
+        if "animation" not in inspect.signature(modality.view).parameters:
+            raise ValueError(f"the {modality.name!r} viewer makes no animations (--gif)")
+        extra["animation"] = args.gif
     print(modality.view(t, r, args.output, args.options, overwrite=args.overwrite, **extra))
     return 0
 

@@ -341,8 +341,12 @@ class SphereModality(Modality):
         fields = artifacts if isinstance(artifacts, list) else [artifacts]
         for a in fields:
             a.attrs.update({f"mscn_{k}": v for k, v in (provenance or {}).items()})
-        obj = climate.stack_fields(fields) if len(fields) > 1 or isinstance(
-            artifacts, list) else fields[0]
+        try:
+            obj = climate.stack_fields(fields)
+        except climate.ClimateDataError:
+            if len(fields) > 1:
+                raise
+            obj = fields[0]  # one decoded field: nothing to stack along
         return climate.write_netcdf(obj, path, overwrite=overwrite)
 
     def view(self, truth: xr.DataArray, recon: xr.DataArray, path: str | os.PathLike,
