@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mscn_core.allocator import active_allocator, reexec_with_tcmalloc
+from mscn_core.atomic import write_atomic
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -79,20 +79,11 @@ def jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temp file beside the target, then rename)."""
+    """Write JSON atomically (mscn's one writer); results are replaced on a re-run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(jsonable(obj), f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(jsonable(obj), indent=1) + "\n"
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
 def era5_fields(modality, var: str = "t", level: int = 850,
@@ -166,8 +157,7 @@ def coin_fit(siren, modality, signals, lr: float, steps: int,
     from mscn_core.signals import full_batches
 
     rep = build_representation(siren, MethodConfig(method="coin", coin_lr=lr, coin_steps=steps))
-    objective = modality.objective()
-    (idx, coords, targets, weights), = list(full_batches(signals, max_batch=len(signals)))
+    (idx, batch), = list(full_batches(signals, max_batch=len(signals)))
     ordered = [signals[i] for i in idx]
     record = set(record_steps)
     out: dict = {"lr": lr, "at_step": {}, "reached_step": None}
@@ -175,7 +165,7 @@ def coin_fit(siren, modality, signals, lr: float, steps: int,
 
     def evaluate(state) -> list[dict]:
         with torch.no_grad():
-            pred = objective.transform(rep.predict(state, {}, coords))
+            pred = modality.render(lambda pts: rep.predict(state, {}, pts), batch.coords)
         return [modality.metrics(s, pred[j]) for j, s in enumerate(ordered)]
 
     def callback(step: int, state) -> bool:
@@ -202,7 +192,7 @@ def coin_fit(siren, modality, signals, lr: float, steps: int,
         return stop
 
     t0 = time.perf_counter()
-    fit_from_scratch(rep, coords, targets, weights, objective, steps, callback=callback)
+    fit_from_scratch(rep, batch, modality, steps, callback=callback)
     total = time.perf_counter() - t0
     out["wall_seconds"] = total
     out["eval_seconds"] = eval_time

@@ -524,7 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(_jsonable(result), indent=1)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from mscn_core.atomic import write_atomic
+
+        write_atomic(args.out, lambda tmp: Path(tmp).write_text(text + "\n"), overwrite=True)
     if args.table:
         print(format_table(points), file=sys.stderr)
     return 0

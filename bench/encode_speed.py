@@ -84,13 +84,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         P.adapt_codes(ck, m, [sig])
         t_adapt.append(time.perf_counter() - t0)
-    _, artifacts, _ = P.decode_stream(data, ck)
+    artifacts = P.decode_stream(data, ck).artifacts
     signal = m.to_signal(field)
     import numpy as np
 
     truth = np.asarray(field.values, dtype=np.float64)
     rec = np.asarray(artifacts[0].values, dtype=np.float64)
     lo, hi = signal.meta["scale"]
+    n_values = m.n_values(signal)
     mse = float(np.mean((rec - truth) ** 2))
     target = -10 * np.log10(mse / (hi - lo) ** 2)
     C.log(f"MSCN encode of {label}: median {t_mscn * 1e3:.1f} ms over {args.repeats} "
@@ -128,11 +129,11 @@ def main(argv=None) -> int:
         "checkpoint": {"path": str(ck.path), "sha256": ck.sha256,
                        "siren": ck.rep.siren_cfg.__dict__, "code_size": ck.rep.code_size(),
                        "inner_steps": ck.rep.cfg.inner_steps},
-        "field": label, "n_values": signal.n_values,
+        "field": label, "n_values": n_values,
         "psnr_scaling": f"[0,1] by the checkpoint's t[K] range [{lo:.3f}, {hi:.3f}] K",
         "mscn": {"bits": args.bits, "median_seconds": t_mscn, "all_seconds": times,
                  "warmup": args.warmup, "n_bytes": len(data),
-                 "bits_per_value": 8 * len(data) / signal.n_values,
+                 "bits_per_value": 8 * len(data) / n_values,
                  "decoded_psnr_db": float(target), "decoded_rmse_k": mse ** 0.5,
                  "adapt_only_median_seconds": statistics.median(t_adapt),
                  "what": "encode_items on 1 field: to_signal + 3 MetaSGD steps + quantise + "

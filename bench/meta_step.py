@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from mscn_core.allocator import active_allocator, preload_env, tcmalloc_path
+from mscn_core.atomic import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "meta_step.json"
 
@@ -110,16 +111,19 @@ def _build(cfg: dict):
 def _ours_step_fn(rep, coords, targets, checkpoint_steps: bool):
     import torch
 
-    from mscn_core.meta import adapt, masked_mse
+    from mscn_core.meta import adapt, item_losses
+    from mscn_core.modality import Modality
+    from mscn_core.signals import Batch
 
     params = [p for p in rep.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-6)
-    weights = torch.ones(coords.shape[:2])
+    batch = Batch(coords, targets, torch.ones(coords.shape[:2]))
+    pointwise = Modality()  # the contract's default: pointwise masked MSE
 
     def step() -> float:
-        state, ctx = adapt(rep, coords, targets, weights, training=True,
+        state, ctx = adapt(rep, batch, pointwise, training=True,
                            checkpoint_steps=checkpoint_steps)
-        loss = masked_mse(rep.predict(state, ctx, coords), targets, weights).mean()
+        loss = item_losses(rep, pointwise, state, ctx, batch).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -197,15 +201,18 @@ def child_check(cfg: dict) -> dict:
     """Same loss and meta-gradient from both implementations (on 512 points)."""
     import torch
 
-    from mscn_core.meta import adapt, masked_mse
+    from mscn_core.meta import adapt, item_losses
+    from mscn_core.modality import Modality
+    from mscn_core.signals import Batch
 
     torch.set_num_threads(2)
     rep = _build(cfg)
     coords, targets = _data(cfg)
     coords, targets = coords[:, :512].contiguous(), targets[:, :512].contiguous()
-    w = torch.ones(coords.shape[:2])
-    state, ctx = adapt(rep, coords, targets, w, training=True)
-    ours = masked_mse(rep.predict(state, ctx, coords), targets, w).mean()
+    batch = Batch(coords, targets, torch.ones(coords.shape[:2]))
+    pointwise = Modality()  # the contract's default: pointwise masked MSE
+    state, ctx = adapt(rep, batch, pointwise, training=True)
+    ours = item_losses(rep, pointwise, state, ctx, batch).mean()
     ours_params = list(rep.net.params) + (
         [rep.latent_to_shifts.weight, rep.latent_to_shifts.bias, rep.latent_rates]
         if maml_is_functa(rep) else [rep.shift_rates])
@@ -398,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["wall_seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    write_atomic(args.out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -95,16 +95,18 @@ def mscn_points(ck, name: str, fields, bits_list, dataset: str) -> list[dict]:
     """Encode all fields in one stream per bit depth, decode the bytes, measure."""
     from mscn_core import pipeline as P
     from mscn_core.registry import get_modality
+    from mscn_plugins.sphere import SphereOptions
 
     m = get_modality("sphere")
     m.load_state(ck.modality_state)
+    options = SphereOptions(metadata=METADATA)
     signals = [m.to_signal(f) for f in fields]
     points = []
     for bits in bits_list:
         t0 = time.perf_counter()
-        data, rep = P.encode_items(ck, m, fields, bits=bits, metadata=METADATA)
+        data, rep = P.encode_items(ck, m, fields, bits=bits, options=options)
         t_enc = time.perf_counter() - t0
-        _, artifacts, stream = P.decode_stream(data, ck)
+        artifacts = P.decode_stream(data, ck).artifacts
         # container: 10-byte prefix (magic, version, header_len) + zlib header + payloads + CRC
         header_bytes = struct.unpack("<I", data[6:10])[0]
         sq, rmses, psnrs = [], [], []
@@ -344,10 +346,12 @@ def plot(points: list[dict], path: Path, panels: list[tuple[str, str]],
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
+    from mscn_core.atomic import write_atomic
+
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130), overwrite=True)
+    finally:
+        plt.close(fig)
 
 
 METADATA = "full"  # set from --metadata in main()

@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                  "train_members": C.TRAIN_MEMBERS, "val_members": C.VAL_MEMBERS,
                  "test_members": C.TEST_MEMBERS, "n_train": len(train), "n_val": len(val),
                  "test_fields": [C.field_label(f) for f in test],
-                 "grid": list(signals[0].meta["shape"]), "values_per_field": signals[0].n_values},
+                 "grid": list(signals[0].meta["shape"]),
+                 "values_per_field": m.n_values(signals[0])},
         "psnr_scaling": f"PSNR on [0,1] = (x - lo)/(hi - lo) with the training-set range "
                         f"{scaling} (members 0-7, 850 hPa); RMSE/MAE in K, full grid",
         "config": {"siren": {"depth": args.depth, "width": args.width, "w0": 30.0,

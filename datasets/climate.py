@@ -25,7 +25,6 @@ import datetime as _dt
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+
+from mscn_core.atomic import write_atomic
 
 __all__ = [
     "ClimateDataError",
@@ -845,21 +846,25 @@ def write_netcdf(
     path: str | os.PathLike[str],
     overwrite: bool = False,
 ) -> Path:
-    """Write CF NetCDF atomically: temp file in the same directory, then ``os.replace``.
+    """Write CF NetCDF atomically through :func:`mscn_core.atomic.write_atomic`.
 
     Why: a crash or error mid-write must never leave a truncated file where a valid
     one was expected, nor clobber an existing file unasked.  Names, units and attrs
     are kept (and the source file's global attrs for DataArrays from select_fields);
     a ``history`` line is prepended.  Raises FileExistsError if ``path`` exists and
-    ``overwrite`` is False.  Returns the final path.
+    ``overwrite`` is False, FileNotFoundError if its directory is missing.  Returns
+    the final path.
     """
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise FileExistsError(
-            f"refusing to overwrite existing file {str(p)!r} (pass overwrite=True)"
-        )
-    if not p.parent.is_dir():
-        raise FileNotFoundError(f"directory {str(p.parent)!r} does not exist")
+    def write(tmp: str) -> None:
+        # The temp name keeps the real suffix; the engine is explicit all the same.
+        ds, engine, encoding = _netcdf_dataset(obj)
+        ds.to_netcdf(tmp, engine=engine, encoding=encoding)
+
+    return write_atomic(path, write, overwrite=overwrite)
+
+
+def _netcdf_dataset(obj: xr.DataArray | xr.Dataset) -> tuple[xr.Dataset, str, dict]:
+    """The Dataset write_netcdf writes, its engine and per-variable encoding."""
     if isinstance(obj, xr.DataArray):
         name = obj.name if obj.name is not None else "field"
         ds = obj.to_dataset(name=name)
@@ -882,23 +887,4 @@ def write_netcdf(
     old = ds.attrs.get("history")
     ds.attrs["history"] = f"{line}\n{old}" if old else line
     ds.attrs.setdefault("Conventions", "CF-1.8")
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.chmod(tmp_name, _default_mode())  # mkstemp makes 0600; users expect 0644
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        ds.to_netcdf(tmp, engine=engine, encoding=encoding)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
-
-
-def _default_mode() -> int:
-    """0o666 minus the process umask: what a plain ``open()`` would have created."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return ds, engine, encoding

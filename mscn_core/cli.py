@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from .meta import TrainConfig
-from .methods import GRAD_IMPLS, METHODS, MethodConfig
+from .methods import GRAD_IMPLS, REGISTRY, MethodConfig
 from .siren import SirenConfig
 
 # -- dataclass ⇄ argparse: every config field is a flag, defaults are the paper's --------
@@ -77,7 +77,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(),
         if typing.get_origin(tp) is list:
             inner = typing.get_args(tp)
             kw.update(action="append", default=None, type=inner[0] if inner else str)
-        choices = {"method": METHODS, "grad_impl": GRAD_IMPLS}.get(f.name)
+        choices = {"method": tuple(REGISTRY), "grad_impl": GRAD_IMPLS}.get(f.name)
         if typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
         if choices:
@@ -320,9 +320,11 @@ def cmd_decode(args) -> int:
     ck, _ = _load(args)
     data = Path(args.file).read_bytes()
     decoded = decode_stream(data, ck, args.options)
+    provenance = {"checkpoint_sha256": ck.sha256}
+    if decoded.bits_per_value is not None:
+        provenance["bits_per_value"] = decoded.bits_per_value
     decoded.modality.save(decoded.artifacts, args.output, overwrite=args.overwrite,
-                          provenance={"bits_per_value": decoded.bits_per_value,
-                                      "checkpoint_sha256": ck.sha256})
+                          provenance=provenance)
     print(json.dumps({"output": args.output, "items": decoded.stream.n_items,
                       "bytes": len(data), "bits": decoded.stream.bits,
                       "modality": decoded.stream.modality,
@@ -355,7 +357,15 @@ def cmd_view(args) -> int:
 
 # -- which modality a command line is about (before the full parse) ------------------
 
+_VALUE_FLAGS = ("-o", "--output", "--gif", "--index")
 MODALITY_COMMANDS = ("meta-train", "fit", "evaluate", "encode", "decode", "view")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _scan(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
@@ -374,8 +384,9 @@ def _scan(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
             flags.setdefault(key, val)
         elif tok.startswith("-"):
             flag_seen = True
-        elif not flag_seen:
-            positionals.append(tok)
+        elif not flag_seen or (command == "view" and argv[i - 1] not in _VALUE_FLAGS
+                               and Path(tok).exists()):
+            positionals.append(tok)  # view: TRUTH RECON may also follow flags
     return command, flags, positionals
 
 
@@ -444,7 +455,7 @@ def build_parser(modality=None) -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     def budget_flag(s):
-        s.add_argument("--points-per-step", type=int, default=None, metavar="N",
+        s.add_argument("--points-per-step", type=_positive_int, default=None, metavar="N",
                        help="samples per inner step for items larger than that (bounded "
                        "memory; default: the modality's)")
 

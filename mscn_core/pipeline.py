@@ -22,7 +22,7 @@ from .meta import TrainConfig, adapt, meta_train
 from .methods import MethodConfig, build_representation
 from .quantize import QuantizerStats, UniformQuantizer, fit_stats
 from .registry import get_modality
-from .signals import Signal, full_batches, sample_batch
+from .signals import Batch, Signal, full_batches
 from .siren import SirenConfig
 
 BIT_DEPTHS = tuple(range(2, 9))
@@ -59,6 +59,8 @@ def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int 
     step (seeded, so encoding is reproducible), so memory stays bounded at any size.
     """
     budget = points_per_step or getattr(modality, "points_per_step", 16384)
+    if budget < 1:
+        raise ValueError(f"points_per_step must be >= 1, got {budget}")
     out: list[Tensor | None] = [None] * len(signals)
     small = [i for i, s in enumerate(signals) if s.n_points <= budget]
     large = [i for i in range(len(signals)) if signals[i].n_points > budget]
@@ -66,10 +68,16 @@ def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int 
             for idx, b in full_batches([signals[i] for i in small], max_batch)]
     for start in range(0, len(large), max_batch):
         chunk = large[start:start + max_batch]
+        # One generator per item: its samples (and code) do not depend on its neighbours.
+        gens = [torch.Generator().manual_seed(seed) for _ in chunk]
         sigs = [signals[i] for i in chunk]
-        g = torch.Generator().manual_seed(seed)
-        jobs.append((chunk, sample_batch(modality, sigs, budget, g),
-                     lambda k, sigs=sigs, g=g: sample_batch(modality, sigs, budget, g)))
+
+        def draw(k: int = 0, sigs=sigs, gens=gens) -> Batch:
+            parts = [modality.sample(sg, budget, g) for sg, g in zip(sigs, gens, strict=True)]
+            c, t, w = (torch.stack(x) for x in zip(*parts, strict=True))
+            return Batch(c, t, w.to(c.dtype))
+
+        jobs.append((chunk, draw(), draw))
     for idx, batch, resample in jobs:
         state, _ = adapt(ck.rep, batch, modality, steps=steps, resample=resample)
         with torch.no_grad():
@@ -218,8 +226,9 @@ class Decoded:
     n_values: int  # of the signals encoded (the modality's n_values, kept in the stream)
 
     @property
-    def bits_per_value(self) -> float:
-        return 8 * self.n_bytes / max(self.n_values, 1)
+    def bits_per_value(self) -> float | None:
+        """None for streams that do not record their items' value counts."""
+        return 8 * self.n_bytes / self.n_values if self.n_values > 0 else None
 
 
 def decode_stream(data: bytes, ck: Checkpoint, options: Any = None) -> Decoded:
@@ -235,7 +244,7 @@ def decode_stream(data: bytes, ck: Checkpoint, options: Any = None) -> Decoded:
         symbols = decode_symbols(payload, n_code, model)
         code = torch.from_numpy(q.dequantize(symbols[None])).float()[0]
         meta = merge_common(common, stream.items_meta[i])
-        n_values += int(meta.get("n_values", 0))
+        n_values += int(meta.get("n_values", 0))  # 0: a stream from before contract v2
         artifacts.append(modality.reconstruct(meta, predictor(ck, modality, code), options))
     return Decoded(modality, artifacts, stream, len(data), n_values)
 

@@ -356,10 +356,12 @@ class SphereModality(Modality):
         ``animation``: also a rotating globe of the reconstruction (GIF)."""
         from mscn_viewers.globe import render_globe, rotating_globe_gif
 
+        if animation is not None and not overwrite and Path(animation).exists():
+            raise FileExistsError(f"{animation} exists; pass --overwrite to replace it")
         out = render_globe(truth, recon, path, stats=globe_stats(truth, recon),
                            overwrite=overwrite)
         if animation is not None:
-            rotating_globe_gif(recon, animation)
+            rotating_globe_gif(recon, animation, overwrite=overwrite)
         return out
 
 

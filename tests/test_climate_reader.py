@@ -267,6 +267,13 @@ def test_write_netcdf_failure_leaves_nothing(tmp_path):
         write_netcdf(bad, good, overwrite=True)
     assert good.read_bytes() == before
     assert os.listdir(tmp_path) == ["good.nc"]
+    # a missing folder is an error, not created; the file mode is what open() would give
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_netcdf(field, tmp_path / "no-such-dir" / "x.nc")
+    assert os.listdir(tmp_path) == ["good.nc"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert good.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_zarr_round_trip(tmp_path):

@@ -37,16 +37,16 @@ from mscn_core.gates import (
     sample_gates,
 )
 from mscn_core.meta import (
-    Objective,
     TrainConfig,
     adapt,
     evaluate_loss,
     fit_from_scratch,
-    masked_mse,
+    item_losses,
     meta_train,
 )
-from mscn_core.methods import METHODS, MethodConfig, build_representation
-from mscn_core.signals import Signal
+from mscn_core.methods import METHODS, REGISTRY, MethodConfig, build_representation
+from mscn_core.modality import Modality, masked_mse
+from mscn_core.signals import Batch, Signal
 from mscn_core.siren import SirenConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +70,17 @@ def build(method: str, seed: int = 0, siren: SirenConfig | None = None, **cfg):
                                 torch.Generator().manual_seed(seed))
 
 
+# A plain Modality is the pointwise-MSE modality of the contract's defaults.
+POINTWISE = Modality()
+
+
 def toy_batch(b: int = 2, n: int = 20, in_dim: int = 2, seed: int = 1,
-              dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              dtype=torch.float32) -> Batch:
     g = torch.Generator().manual_seed(seed)
     coords = (torch.rand(b, n, in_dim, generator=g, dtype=torch.float64) * 2 - 1)
     targets = 0.5 + 0.4 * torch.sin(3 * coords.sum(-1, keepdim=True)
                                     + torch.rand(b, 1, 1, generator=g, dtype=torch.float64) * 6)
-    return coords.to(dtype), targets.to(dtype), torch.ones(b, n, dtype=dtype)
+    return Batch(coords.to(dtype), targets.to(dtype), torch.ones(b, n, dtype=dtype))
 
 
 def sinusoid_family(n: int, seed: int, side: int = 16) -> list[Signal]:
@@ -104,10 +108,10 @@ def quick_train(**kw) -> TrainConfig:
 # -- meta-gradient: second order through T=3 inner steps ------------------------------------
 
 
-def _outer_loss(rep, coords, targets, weights, seed=5, **kw) -> torch.Tensor:
+def _outer_loss(rep, batch: Batch, seed=5, **kw) -> torch.Tensor:
     torch.manual_seed(seed)  # the same sampled gates (u) for every evaluation
-    state, ctx = adapt(rep, coords, targets, weights, training=True, **kw)
-    return masked_mse(rep.predict(state, ctx, coords), targets, weights).mean()
+    state, ctx = adapt(rep, batch, POINTWISE, training=True, **kw)
+    return item_losses(rep, POINTWISE, state, ctx, batch).mean()
 
 
 @pytest.mark.parametrize("method,budget", [("metasgd-dense", None), ("mscn", None), ("mscn", 6)],
@@ -115,10 +119,10 @@ def _outer_loss(rep, coords, targets, weights, seed=5, **kw) -> torch.Tensor:
 def test_meta_gradient_matches_central_differences(method, budget):
     rep = build(method, budget=budget, inner_steps=3).double()
     assert rep.cfg.inner_steps == 3 and not rep.cfg.adapt_gates
-    c, t, w = toy_batch(dtype=torch.float64)
+    b = toy_batch(dtype=torch.float64)
     named = {n: p for n, p in rep.named_parameters() if p.requires_grad}
     names = list(named)
-    grads = dict(zip(names, torch.autograd.grad(_outer_loss(rep, c, t, w), list(named.values())),
+    grads = dict(zip(names, torch.autograd.grad(_outer_loss(rep, b), list(named.values())),
                      strict=True))
 
     probes = [("net.params.0", (1, 0)), ("net.params.1", (2,)), ("net.params.2", (3, 4)),
@@ -127,7 +131,7 @@ def test_meta_gradient_matches_central_differences(method, budget):
         # a gate logit whose sampled gate is strictly inside (0, 1) for some item, so that
         # the loss is smooth in it (the clamp is not active within ±h)
         torch.manual_seed(5)
-        z = rep.context(c.shape[0], training=True)["z"]
+        z = rep.context(b.coords.shape[0], training=True)["z"]
         inside = ((z > 0.01) & (z < 0.99)).any(0).nonzero()
         assert len(inside) > 0
         probes.append(("gates.log_alpha", tuple(inside[0].tolist())))
@@ -136,10 +140,10 @@ def test_meta_gradient_matches_central_differences(method, budget):
         p = named[name]
         with torch.no_grad():
             p[idx] += h
-        plus = float(_outer_loss(rep, c, t, w).detach())
+        plus = float(_outer_loss(rep, b).detach())
         with torch.no_grad():
             p[idx] -= 2 * h
-        minus = float(_outer_loss(rep, c, t, w).detach())
+        minus = float(_outer_loss(rep, b).detach())
         with torch.no_grad():
             p[idx] += h
         fd, an = (plus - minus) / (2 * h), float(grads[name][idx])
@@ -148,14 +152,14 @@ def test_meta_gradient_matches_central_differences(method, budget):
     assert any(abs(float(grads[n][i])) > 1e-3 for n, i in probes)  # not a vacuous match
 
     # first order drops the second-order terms: a visibly different meta-gradient
-    fo = torch.autograd.grad(_outer_loss(rep, c, t, w, first_order=True),
+    fo = torch.autograd.grad(_outer_loss(rep, b, first_order=True),
                              list(named.values()))
     diff = max(float((a - b).abs().max()) for a, b in zip(grads.values(), fo, strict=True))
     scale = max(float(a.abs().max()) for a in grads.values())
     assert diff > 1e-3 * scale
 
     # per-step gradient checkpointing recomputes, it does not approximate
-    ck = torch.autograd.grad(_outer_loss(rep, c, t, w, checkpoint_steps=True),
+    ck = torch.autograd.grad(_outer_loss(rep, b, checkpoint_steps=True),
                              list(named.values()))
     for a, b in zip(grads.values(), ck, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
@@ -209,8 +213,7 @@ def test_mscn_code_size_is_the_budget():
     assert rep.code_size() == 20
     info = rep.describe_sparsity()
     assert info["code_size"] == 20 and sum(info["per_layer_nonzero"]) == 20
-    c, t, w = toy_batch(b=3)
-    state, _ = adapt(rep, c, t, w)
+    state, _ = adapt(rep, toy_batch(b=3), POINTWISE)
     assert rep.code_values(state).shape == (3, 20)
 
 
@@ -238,12 +241,11 @@ def test_meta_training_lowers_post_adaptation_loss_on_held_out_signals():
     torch.manual_seed(0)
     train, val, test = sinusoid_family(64, 1), sinusoid_family(8, 2), sinusoid_family(16, 3)
     rep = build("mscn", siren=tiny_siren(width=32, depth=4, w0=10.0), budget=48)
-    obj = Objective()
-    before = evaluate_loss(rep, test, obj)  # all 256 points per item, 3 inner steps
+    before = evaluate_loss(rep, test, POINTWISE)  # all 256 points per item, 3 inner steps
     res = meta_train(rep, train, val, quick_train(outer_steps=30, outer_lr=3e-3, batch_size=8,
                                                   points_per_item=128, val_every=10,
-                                                  val_points=128))
-    after = evaluate_loss(rep, test, obj)
+                                                  val_points=128), POINTWISE)
+    after = evaluate_loss(rep, test, POINTWISE)
     assert res.rollbacks == 0 and res.steps_run == 30
     assert all(math.isfinite(r["loss"]) for r in res.history)
     # measured: 0.084 → 0.013; demand a clear factor, not noise
@@ -256,33 +258,58 @@ def test_every_method_trains_and_adapts(method):
     train, val = sinusoid_family(8, 4, side=8), sinusoid_family(2, 5, side=8)
     rep = build(method, siren=tiny_siren(width=16, depth=3), budget=12, latent_dim=8,
                 coin_steps=10, coin_lr=1e-3, prune_every=2, prune_rounds=1)
-    res = meta_train(rep, train, val, quick_train())
+    res = meta_train(rep, train, val, quick_train(), POINTWISE)
     assert math.isfinite(res.best_val_loss)
     if rep.meta_learned:
         assert res.steps_run == 3 and len(res.history) == 3
         assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
                    for r in res.history)
     assert all(torch.isfinite(p).all() for p in rep.parameters())
-    c, t, w = toy_batch(b=3)
-    state, ctx = adapt(rep, c, t, w)
-    pred = rep.predict(state, ctx, c)
+    b = toy_batch(b=3)
+    state, ctx = adapt(rep, b, POINTWISE)
+    pred = rep.predict(state, ctx, b.coords)
     assert pred.shape == (3, 20, 1) and torch.isfinite(pred).all()
 
 
 def test_coin_fits_from_scratch():
     rep = build("coin", siren=tiny_siren(width=16), coin_lr=1e-3)
-    c, t, w = toy_batch(b=2, n=64)
-    obj = Objective()
-    s0 = fit_from_scratch(rep, c, t, w, obj, steps=0)
-    s1 = fit_from_scratch(rep, c, t, w, obj, steps=150)
-    l0 = masked_mse(rep.predict(s0, {}, c), t, w)
-    l1 = masked_mse(rep.predict(s1, {}, c), t, w)
+    b = toy_batch(b=2, n=64)
+    s0 = fit_from_scratch(rep, b, POINTWISE, steps=0)
+    s1 = fit_from_scratch(rep, b, POINTWISE, steps=150)
+    l0 = masked_mse(rep.predict(s0, {}, b.coords), b.targets, b.weights)
+    l1 = masked_mse(rep.predict(s1, {}, b.coords), b.targets, b.weights)
     assert (l1 < 0.5 * l0).all(), (l0, l1)
     # early stop through the callback
     calls = []
-    fit_from_scratch(rep, c, t, w, obj, steps=100,
+    fit_from_scratch(rep, b, POINTWISE, steps=100,
                      callback=lambda step, st: calls.append(step) or step == 7)
     assert calls[-1] == 7
+
+
+def test_coin_adam_fits_each_item_independently_of_the_batch():
+    """One torch.optim.Adam over batched weights is one Adam per item: an item's result
+    does not depend on which other items share its batch."""
+    rep = build("coin", siren=tiny_siren(width=16), coin_lr=1e-3)
+    b = toy_batch(b=3, n=64)
+
+    def items(*idx: int) -> Batch:
+        return Batch(*(t[list(idx)] for t in b))
+
+    steps = 60
+    pair = fit_from_scratch(rep, items(0, 1), POINTWISE, steps=steps)
+    alone = fit_from_scratch(rep, items(0), POINTWISE, steps=steps)
+    # COIN's fresh init is drawn per batch position, so item 1 is compared at position 1
+    other = fit_from_scratch(rep, items(2, 1), POINTWISE, steps=steps)
+    for name in pair:
+        torch.testing.assert_close(alone[name][0], pair[name][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other[name][1], pair[name][1], rtol=1e-5, atol=1e-6)
+    # and Adam lowered every item's loss on its own
+    start = fit_from_scratch(rep, items(0, 1), POINTWISE, steps=0)
+    with torch.no_grad():
+        l0 = item_losses(rep, POINTWISE, start, {}, items(0, 1))
+        l1 = item_losses(rep, POINTWISE, pair, {}, items(0, 1))
+    assert (l1 < 0.7 * l0).all(), (l0, l1)
+    assert not torch.equal(pair["w0"][0], pair["w0"][1])  # two items, two networks
 
 
 def test_metasparseinr_prunes_a_fifth_of_survivors_per_round():
@@ -305,8 +332,7 @@ def test_metasparseinr_prunes_a_fifth_of_survivors_per_round():
     assert rep.code_size() == alive[2] + n_bias  # biases are never pruned
     for i in weights:  # pruned weights are zero in θ0 and stay zero through adaptation
         assert (rep.net.params[i][~rep.masks()[i]] == 0).all()
-    c, t, w = toy_batch()
-    state, _ = adapt(rep, c, t, w)
+    state, _ = adapt(rep, toy_batch(), POINTWISE)
     for name, i in zip(state, range(len(rep.net.params)), strict=True):
         if i % 2 == 0:
             assert (state[name][:, ~rep.masks()[i]] == 0).all()
@@ -316,8 +342,7 @@ def test_mscn_grad_code_lives_on_the_gate_support():
     rep = build("mscn-grad", budget=25)
     mask = rep.code_mask()
     assert int(mask.sum()) == 25
-    c, t, w = toy_batch(b=3)
-    state, _ = adapt(rep, c, t, w)
+    state, _ = adapt(rep, toy_batch(b=3), POINTWISE)
     flat = torch.cat([v.reshape(3, -1) for v in state.values()], dim=1)
     theta = torch.cat([p.detach().reshape(-1) for p in rep.net.params])
     delta = flat - theta
@@ -333,13 +358,13 @@ def test_vmap_functional_call_inner_loop_equals_the_batched_matmul_one(method):
     """§3.3.1 both ways: torch.func vmap(grad(functional_call)) and one batched grad."""
     kw = {"budget": 25} if method == "mscn-grad" else {}
     reps = {impl: build(method, grad_impl=impl, **kw).double() for impl in ("bmm", "vmap")}
-    c, t, w = toy_batch(b=3, dtype=torch.float64)
+    b = toy_batch(b=3, dtype=torch.float64)
     states, grads = {}, {}
     for impl, rep in reps.items():
-        state, _ = adapt(rep, c, t, w)  # test time: no graph
+        state, _ = adapt(rep, b, POINTWISE)  # test time: no graph
         states[impl] = state
         params = [p for p in rep.parameters() if p.requires_grad]
-        grads[impl] = torch.autograd.grad(_outer_loss(rep, c, t, w), params)
+        grads[impl] = torch.autograd.grad(_outer_loss(rep, b), params)
     for name in states["bmm"]:
         torch.testing.assert_close(states["vmap"][name], states["bmm"][name],
                                    rtol=1e-12, atol=1e-14)
@@ -349,6 +374,23 @@ def test_vmap_functional_call_inner_loop_equals_the_batched_matmul_one(method):
     for a, b in zip(grads["vmap"], grads["bmm"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)  # second order, both ways
     assert max(float(g.abs().max()) for g in grads["bmm"]) > 1e-4
+
+
+def test_method_registry_is_the_one_list_of_methods():
+    from mscn_core.methods import Representation, per_item_weight_methods
+
+    assert tuple(REGISTRY) == METHODS
+    assert set(METHODS) == {"mscn", "mscn-grad", "functa", "metasgd-dense", "metasparseinr",
+                            "coin"}
+    for name, cls in REGISTRY.items():
+        assert issubclass(cls, Representation) and cls.name == name
+        assert type(build(name, budget=10, latent_dim=6)) is cls
+    assert set(per_item_weight_methods()) == {"mscn-grad", "metasparseinr"}
+    assert [n for n, c in REGISTRY.items() if not c.meta_learned] == ["coin"]
+    with pytest.raises(ValueError, match="unknown method 'nonsense'") as err:
+        build("nonsense")
+    listed = str(err.value).split("choose one of", 1)[1]
+    assert all(name in listed for name in METHODS), str(err.value)
 
 
 def test_vmap_grad_impl_is_refused_where_state_is_not_per_item_weights():
@@ -363,13 +405,13 @@ def test_code_round_trip_gives_the_same_predictions(method):
     rep = build(method, budget=10, latent_dim=6, coin_steps=5, prune_every=1)
     if method == "metasparseinr":
         rep.after_outer_step(1)
-    c, t, w = toy_batch(b=3)
-    state, ctx = adapt(rep, c, t, w)
+    b = toy_batch(b=3)
+    state, ctx = adapt(rep, b, POINTWISE)
     values = rep.code_values(state)
     assert values.shape == (3, rep.code_size())
     back = rep.state_from_code(values)
     with torch.no_grad():
-        p1, p2 = rep.predict(state, ctx, c), rep.predict(back, ctx, c)
+        p1, p2 = rep.predict(state, ctx, b.coords), rep.predict(back, ctx, b.coords)
     if method == "mscn-grad":  # θ + (θ' − θ) may differ from θ' by one rounding
         torch.testing.assert_close(p2, p1, rtol=0, atol=1e-6)
     else:
@@ -382,6 +424,82 @@ def test_per_item_gate_patterns_have_no_shared_code():
         rep.code_size()
 
 
+# -- encode-time sample budget ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def era5_checkpoint(tiny_sphere_checkpoint):
+    from conftest import ERA5
+
+    from mscn_core.registry import get_modality
+
+    ck = load_checkpoint(tiny_sphere_checkpoint)
+    m = get_modality("sphere")
+    m.load_state(ck.modality_state)
+    held_out = [f for f in m.read(ERA5, var="t", sel=["isobaricInhPa=850"])
+                if int(f["number"]) >= 8]
+    return ck, m, [m.to_signal(f) for f in held_out[:4]]
+
+
+def test_adapt_codes_resamples_large_items_per_step_reproducibly(era5_checkpoint):
+    """Items larger than ``points_per_step`` adapt on that many fresh samples per inner
+    step (bounded memory), seeded: the same call gives the same codes."""
+    from mscn_core.pipeline import adapt_codes, predictor
+
+    ck, m, signals = era5_checkpoint
+    n_points, budget = signals[0].n_points, 1024
+    assert n_points == 61 * 120 > budget
+    seen: list[torch.Tensor] = []
+    objective = m.objective
+
+    def recording(field, batch):
+        seen.append(batch.coords.detach().clone())
+        return objective(field, batch)
+
+    m.objective = recording
+    try:
+        a = adapt_codes(ck, m, signals, points_per_step=budget)
+    finally:
+        del m.objective
+    steps = ck.rep.cfg.inner_steps
+    assert len(seen) == steps  # one objective call per inner step
+    assert all(c.shape == (len(signals), budget, 3) for c in seen)  # never the whole item
+    assert all(not torch.equal(seen[0], c) for c in seen[1:])  # resampled at every step
+    b = adapt_codes(ck, m, signals, points_per_step=budget)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, adapt_codes(ck, m, signals, points_per_step=budget, seed=1))
+
+    # a decent fit, close to the one on all points (measured: mean RMSE within 0.2 %,
+    # 99 % of the full-batch improvement over the shared init)
+    def rmse(codes: torch.Tensor) -> list[float]:
+        return [m.metrics(s, predictor(ck, m, c)(s.coords))["rmse"]
+                for s, c in zip(signals, codes, strict=True)]
+
+    full, zero, sampled = rmse(adapt_codes(ck, m, signals)), \
+        rmse(adapt_codes(ck, m, signals, steps=0)), rmse(a)
+    assert all(r <= 1.02 * f for r, f in zip(sampled, full, strict=True)), (sampled, full)
+    gain_full = sum(zero) - sum(full)
+    assert gain_full > 0 and sum(zero) - sum(sampled) > 0.8 * gain_full
+
+
+def test_adapt_codes_mixes_small_and_large_items_in_order(era5_checkpoint):
+    """Items within the budget adapt on all their points, larger ones on samples; the
+    codes come back in the order of the signals."""
+    from mscn_core.pipeline import adapt_codes
+
+    ck, m, signals = era5_checkpoint
+    big = signals[0]
+    small = Signal(big.coords[::4], big.targets[::4], None, big.meta)  # 1830 points
+    budget = 2048
+    mixed = adapt_codes(ck, m, [big, small, signals[1]], points_per_step=budget)
+    assert torch.equal(mixed[1], adapt_codes(ck, m, [small])[0])  # all points: no sampling
+    # the default budget (the modality's, 65536) holds every ERA5 item whole
+    assert torch.equal(adapt_codes(ck, m, [small], points_per_step=budget),
+                       adapt_codes(ck, m, [small]))
+    large = adapt_codes(ck, m, [big, signals[1]], points_per_step=budget)
+    torch.testing.assert_close(mixed[[0, 2]], large, rtol=0, atol=0)
+
+
 # -- outer-loop guards -----------------------------------------------------------------------
 
 
@@ -391,13 +509,12 @@ def test_absurd_outer_rate_rolls_back_instead_of_ending_in_nan(max_rollbacks, st
     torch.manual_seed(0)
     train, val = sinusoid_family(8, 6, side=8), sinusoid_family(4, 7, side=8)
     rep = build("mscn", siren=tiny_siren(width=16, w0=10.0), budget=12)
-    obj = Objective()
-    init_val = evaluate_loss(rep, val, obj, n_points=64)
+    init_val = evaluate_loss(rep, val, POINTWISE, n_points=64)
     cfg = quick_train(outer_steps=steps, outer_lr=10.0, val_every=1,
                       max_rollbacks=max_rollbacks)
     events = []
     try:
-        res = meta_train(rep, train, val, cfg, on_log=events.append)
+        res = meta_train(rep, train, val, cfg, POINTWISE, on_log=events.append)
     except RuntimeError as err:  # halving 10 three times is not enough: a clear error
         assert "diverged" in str(err) and "outer-lr" in str(err)
         assert max_rollbacks == 3
@@ -407,7 +524,7 @@ def test_absurd_outer_rate_rolls_back_instead_of_ending_in_nan(max_rollbacks, st
     assert sum(e.get("event") == "rollback" for e in events) >= min(max_rollbacks, 3)
     assert all(torch.isfinite(p).all() for p in rep.state_dict().values()
                if p.dtype.is_floating_point)
-    kept = evaluate_loss(rep, val, obj, n_points=64)  # the kept state is the best seen
+    kept = evaluate_loss(rep, val, POINTWISE, n_points=64)  # the kept state is the best seen
     assert math.isfinite(kept) and kept <= init_val * (1 + 1e-6)
 
 
@@ -452,11 +569,11 @@ def test_checkpoint_round_trip_is_exact(method, tmp_path, monkeypatch):
         assert sd0[k].dtype == sd1[k].dtype and torch.equal(sd0[k], sd1[k]), k
     assert back.rep.describe_sparsity() == rep.describe_sparsity()
     assert read_config(path)["format_version"] == FORMAT_VERSION
-    c, t, w = toy_batch(b=2)
-    s0, x0 = adapt(rep.eval(), c, t, w)
-    s1, x1 = adapt(back.rep, c, t, w)
+    b = toy_batch(b=2)
+    s0, x0 = adapt(rep.eval(), b, POINTWISE)
+    s1, x1 = adapt(back.rep, b, POINTWISE)
     with torch.no_grad():
-        assert torch.equal(rep.predict(s0, x0, c), back.rep.predict(s1, x1, c))
+        assert torch.equal(rep.predict(s0, x0, b.coords), back.rep.predict(s1, x1, b.coords))
 
 
 def test_checkpoint_code_never_unpickles():

@@ -15,6 +15,7 @@ import pytest
 import xarray as xr
 from PIL import Image
 
+from mscn_datasets.climate import find_lat_lon
 from mscn_viewers import globe
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "climate"
@@ -106,7 +107,8 @@ def test_labels_and_stats(t850):
     )
     ident = globe.item_identity(t850)
     assert "number=0" in ident and "isobaricInhPa=850" in ident and "time=2017-01-01" in ident
-    assert globe.find_lat_lon(t850) == ("latitude", "longitude")
+    assert find_lat_lon(t850) == ("latitude", "longitude")  # the reader's, used by the viewer
+    assert not hasattr(globe, "find_lat_lon")  # one lat/lon finder, not two
 
 
 # --------------------------------------------------------------------------- geography
@@ -243,6 +245,10 @@ def test_overwrite_semantics(tmp_path, t850, era5):
     globe.render_field(other, path, dpi=30)  # overwrite=True: replaced atomically
     assert path.read_bytes() != before
     assert sorted(os.listdir(tmp_path)) == ["f.png"]
+    # what a plain open() would create (0o666 minus the umask), not mkstemp's 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_rotating_gif(tmp_path, t850):

@@ -25,9 +25,18 @@ from mscn_core.pipeline import (
 )
 from mscn_core.registry import get_modality
 from mscn_datasets import climate, vendored_path
-from mscn_plugins.sphere import SphereModality, sphere_coords
+from mscn_plugins.sphere import SphereModality, SphereOptions, sphere_coords
 
 COADS = vendored_path("coads_sst_airt_2deg_jan-mar.nc")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny nets: a second thread gains nothing and, on a shared machine, costs a lot."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _mscn(*args: str) -> subprocess.CompletedProcess:
@@ -137,7 +146,8 @@ def test_reconstruction_at_another_resolution(loaded):
     field = _held_out(m)[0]
     s = m.to_signal(field)
     code = adapt_codes(ck, m, [s])[0]
-    one_deg = m.reconstruct(s.meta, predictor(ck, m, code), 1.0, template=field)
+    one_deg = m.reconstruct(s.meta, predictor(ck, m, code), SphereOptions(resolution=1.0),
+                              template=field)
     assert one_deg.sizes["latitude"] == 181 and one_deg.sizes["longitude"] == 360
     assert float(one_deg["latitude"][0]) == 90.0  # the input's north-to-south order is kept
     native = m.reconstruct(s.meta, predictor(ck, m, code), None, template=field)
@@ -192,7 +202,11 @@ def test_encode_decode_round_trip_matches_fit_at_same_quantisation(loaded, tmp_p
     stream = read_bitstream(data, expected_checkpoint_hash=ck.sha256)
     for sym, payload in zip(symbols, stream.payloads, strict=True):
         np.testing.assert_array_equal(decode_symbols(payload, ck.rep.code_size(), model), sym)
-    _, decoded, _ = decode_stream(data, ck)
+    dec = decode_stream(data, ck)
+    assert dec.modality.name == "sphere" and dec.stream.n_items == 3
+    assert dec.n_bytes == len(data) and dec.n_values == 3 * 61 * 120
+    assert dec.bits_per_value == report.bits_per_value
+    decoded = dec.artifacts
     for f, s, c, d in zip(fields, signals, dequant, decoded, strict=True):
         fit = m.reconstruct(s.meta, predictor(ck, m, c), None, template=f)
         np.testing.assert_allclose(d.values, fit.values, rtol=0, atol=1e-4)
@@ -201,11 +215,36 @@ def test_encode_decode_round_trip_matches_fit_at_same_quantisation(loaded, tmp_p
         assert int(d["number"]) == int(f["number"]) and d["time"].values == f["time"].values
 
 
+def test_sphere_options_pick_fields_metadata_and_output_grid(loaded):
+    """The typed options: read's var/sel, stream metadata (cf keeps fewer attributes,
+    same values), decoding onto another grid."""
+    from mscn_core.pipeline import decode, encode
+
+    ck, m = loaded
+    opts = SphereOptions(var="t", sel=["isobaricInhPa=850", "number=9"])
+    fields = m.read(ERA5, opts)
+    assert len(fields) == len(m.read(ERA5, var="t", sel=["isobaricInhPa=850", "number=9"]))
+    assert all(int(f["number"]) == 9 for f in fields)
+    full, _ = encode_items(ck, m, fields[:2], bits=6, with_metrics=False)
+    cf, _ = encode_items(ck, m, fields[:2], bits=6, with_metrics=False,
+                         options=SphereOptions(metadata="cf"))
+    assert len(cf) < len(full)
+    a, b = decode_stream(full, ck).artifacts, decode_stream(cf, ck).artifacts
+    for x, y, f in zip(a, b, fields[:2], strict=True):
+        np.testing.assert_array_equal(x.values, y.values)
+        assert y.attrs["units"] == "K" and y.attrs["standard_name"] == "air_temperature"
+        assert set(y.attrs) < set(x.attrs) and set(f.attrs) <= set(x.attrs)
+    # the top-level API: options of the modality, e.g. a 1° output grid
+    data = encode(fields[0], ck, bits=6)
+    one_deg, = decode(data, ck, SphereOptions(resolution=1.0))
+    assert one_deg.sizes["latitude"] == 181 and one_deg.sizes["longitude"] == 360
+
+
 def test_masked_field_with_undecodable_time_round_trips_through_the_bitstream(loaded):
     ck, m = loaded
     fields = m.read(COADS, var="SST")
     data, report = encode_items(ck, m, fields, bits=5)
-    _, decoded, _ = decode_stream(data, ck)
+    decoded = decode_stream(data, ck).artifacts
     for f, d in zip(fields, decoded, strict=True):
         np.testing.assert_array_equal(np.isnan(d.values), np.isnan(f.values))
         for c in f.coords:
@@ -215,6 +254,33 @@ def test_masked_field_with_undecodable_time_round_trips_through_the_bitstream(lo
     # than the masks alone would as raw bitmaps
     raw_masks = len(fields) * math.ceil(90 * 180 / 8)
     assert report.n_bytes - report.payload_bytes < raw_masks
+
+
+def test_encode_cli_options_and_sample_budget_match_the_python_api(loaded,
+                                                                    tiny_sphere_checkpoint,
+                                                                    tmp_path):
+    """`mscn encode --metadata cf --points-per-step N` writes the bytes encode_items does."""
+    ck, m = loaded
+    stream = tmp_path / "t.mscn"
+    sel = ["--var", "t", "--sel", "isobaricInhPa=850", "--sel", "number=9"]
+    r = _mscn("encode", ERA5, *sel, "--checkpoint", tiny_sphere_checkpoint, "--bits", "5",
+              "--metadata", "cf", "--points-per-step", "1024", "-o", stream)
+    assert r.returncode == 0, r.stderr
+    fields = m.read(ERA5, SphereOptions(var="t", sel=sel[3::2]))
+    data, report = encode_items(ck, m, fields, bits=5, options=SphereOptions(metadata="cf"),
+                                points_per_step=1024)
+    assert stream.read_bytes() == data
+    assert json.loads(r.stdout)["bits_per_value"] == pytest.approx(report.bits_per_value)
+    whole, _ = encode_items(ck, m, fields, bits=5, options=SphereOptions(metadata="cf"))
+    assert whole != data  # the budget changed the fit (61×120 points > 1024 per step)
+    r = _mscn("evaluate", ERA5, *sel, "--checkpoint", tiny_sphere_checkpoint,
+              "--points-per-step", "1024")
+    assert r.returncode == 0, r.stderr
+    signals = [m.to_signal(f) for f in fields]
+    codes = adapt_codes(ck, m, signals, points_per_step=1024)
+    psnr = [m.metrics(s, predictor(ck, m, c)(s.coords))["psnr_db"]
+            for s, c in zip(signals, codes, strict=True)]
+    assert json.loads(r.stdout)["mean"]["psnr_db"] == pytest.approx(np.mean(psnr), rel=1e-9)
 
 
 def test_decode_with_the_wrong_checkpoint_names_the_mismatch(tiny_sphere_checkpoint, tmp_path):
@@ -291,6 +357,29 @@ def test_view_globe_cli_writes_a_png(tiny_sphere_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     img = np.asarray(Image.open(png).convert("L"), dtype=float)
     assert img.std() > 30
+    # without a viewer name the modality is guessed from the file; --gif adds a rotating globe
+    png2, gif = tmp_path / "guessed.png", tmp_path / "spin.gif"
+    r = _mscn("view", ERA5, recon, *sel, "--index", "1", "-o", png2, "--gif", gif)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(png2)), np.asarray(Image.open(png)))
+    with Image.open(gif) as im:
+        assert im.format == "GIF" and im.n_frames > 1
+
+
+def test_view_clobbers_neither_output_without_overwrite(tiny_sphere_checkpoint, tmp_path):
+    recon, png, gif = tmp_path / "recon.nc", tmp_path / "old.png", tmp_path / "old.gif"
+    sel = ["--var", "t", "--sel", "isobaricInhPa=850", "--sel", "number=9"]
+    assert _mscn("fit", ERA5, *sel, "--checkpoint", tiny_sphere_checkpoint, "-o",
+                 recon).returncode == 0
+    png.write_bytes(b"precious png")
+    gif.write_bytes(b"precious gif")
+    r = _mscn("view", ERA5, recon, *sel, "-o", png, "--gif", tmp_path / "new.gif")
+    assert r.returncode != 0 and "exists" in r.stderr
+    assert not (tmp_path / "new.gif").exists() and png.read_bytes() == b"precious png"
+    r = _mscn("view", ERA5, recon, *sel, "-o", tmp_path / "new.png", "--gif", gif)
+    assert r.returncode != 0 and "exists" in r.stderr
+    assert gif.read_bytes() == b"precious gif"
+    assert not (tmp_path / "new.png").exists()  # refused before rendering anything
 
 
 def test_climate_reader_keeps_the_shipped_names():

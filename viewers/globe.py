@@ -10,20 +10,21 @@ Coastlines come from the Natural Earth shapefiles vendored in
 private temporary directory, and the Natural Earth downloader is replaced by one
 that raises :class:`FileNotFoundError` -- cartopy will never try to download.
 
-Output files are written atomically: the image is rendered into a temporary file
-in the destination directory and then moved into place with :func:`os.replace`
-(``overwrite=True``, the default) so readers never observe a half-written file.
-With ``overwrite=False`` an existing path raises :class:`FileExistsError` before
-any rendering, and the final move uses :func:`os.link`, which also refuses to
-clobber a file created concurrently.
+Output files are written atomically by :func:`mscn_core.atomic.write_atomic` (the one
+writer of the project): the image is rendered into a temporary file in the destination
+directory and then moved into place (``overwrite=True``, the default) so readers never
+observe a half-written file.  With ``overwrite=False`` an existing path raises
+:class:`FileExistsError` before any rendering, and the final move refuses to clobber a
+file created concurrently.
 
 Conventions
 -----------
 Input fields are 2-D ``(lat, lon)`` :class:`xarray.DataArray` objects with
-arbitrary coordinate names (see :func:`find_lat_lon`).  Latitude may be in either
-order, longitude in 0..360, -180..180 or any other 360-degree window.  Internally
-every field is normalised to ascending latitude and longitude in [-180, 180);
-global (periodic) grids get a wrapped extra column so that the seam is covered.
+arbitrary coordinate names (found by the reader's CF-aware
+:func:`mscn_datasets.climate.find_lat_lon`).  Latitude may be in either order,
+longitude in 0..360, -180..180 or any other 360-degree window.  Internally every
+field is normalised to ascending latitude and longitude in [-180, 180); global
+(periodic) grids get a wrapped extra column so that the seam is covered.
 Cells are drawn with ``pcolormesh`` using proper cell edges (latitude edges
 clipped to +/-90), NaN cells are left blank.
 """
@@ -40,11 +41,13 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from mscn_core.atomic import write_atomic
+from mscn_datasets import climate
+
 __all__ = [
     "NATURAL_EARTH_DIR",
     "configure_cartopy",
     "error_on_truth_grid",
-    "find_lat_lon",
     "format_stats",
     "globe_figsize",
     "normalize_field",
@@ -57,11 +60,6 @@ __all__ = [
 NATURAL_EARTH_DIR = Path(__file__).resolve().parent / "data" / "naturalearth"
 
 PROJECTIONS = ("both", "platecarree", "orthographic")
-
-_LAT_UNITS = {"degrees_north", "degree_north", "degrees_n", "degree_n", "degreesn", "degreen"}
-_LON_UNITS = {"degrees_east", "degree_east", "degrees_e", "degree_e", "degreese", "degreee"}
-_LAT_NAMES = {"lat", "latitude", "nav_lat", "y"}
-_LON_NAMES = {"lon", "longitude", "long", "nav_lon", "x"}
 
 _PANEL_W = 5.0  # inches per column in render_globe
 _PC_ROW_H = 2.75  # PlateCarree row (2:1 map + title)
@@ -146,47 +144,6 @@ def _add_coastlines(ax, resolution: str, linewidth: float = 0.6) -> None:
 # --------------------------------------------------------------------------- field handling
 
 
-def _units_of(coord: xr.DataArray) -> str:
-    return str(coord.attrs.get("units", "")).strip().lower().replace(" ", "_")
-
-
-def find_lat_lon(da: xr.DataArray) -> tuple[str, str]:
-    """Return the ``(lat_dim, lon_dim)`` names of a 2-D (after squeezing) field.
-
-    Detection order: coordinate ``units`` (degrees_north / degrees_east) or
-    ``standard_name``, then well-known names (lat/latitude, lon/longitude),
-    then the last two dimensions (lat, lon).
-    """
-    dims = [d for d in da.dims if da.sizes[d] > 1] or list(da.dims)
-    lat = lon = None
-    for d in dims:
-        if d not in da.coords:
-            continue
-        c = da.coords[d]
-        units, std = _units_of(c), str(c.attrs.get("standard_name", "")).lower()
-        if lat is None and (units in _LAT_UNITS or std in ("latitude", "grid_latitude")):
-            lat = d
-        elif lon is None and (units in _LON_UNITS or std in ("longitude", "grid_longitude")):
-            lon = d
-    for d in dims:
-        name = str(d).lower()
-        if lat is None and name in _LAT_NAMES and d != lon:
-            lat = d
-        elif lon is None and name in _LON_NAMES and d != lat:
-            lon = d
-    if lat is None or lon is None:
-        if len(dims) < 2:
-            raise ValueError(f"need a 2-D (lat, lon) field, got dims {da.dims}")
-        rest = [d for d in dims if d not in (lat, lon)]
-        if lat is None and lon is None:
-            lat, lon = dims[-2], dims[-1]
-        elif lat is None:
-            lat = rest[-1]
-        else:
-            lon = rest[-1]
-    return str(lat), str(lon)
-
-
 def _wrap180(lon: np.ndarray) -> np.ndarray:
     return (np.asarray(lon, dtype=float) + 180.0) % 360.0 - 180.0
 
@@ -202,7 +159,7 @@ def normalize_field(da: xr.DataArray, central_longitude: float = 0.0) -> xr.Data
     """
     if not isinstance(da, xr.DataArray):
         raise TypeError(f"expected xarray.DataArray, got {type(da).__name__}")
-    lat, lon = find_lat_lon(da)
+    lat, lon = climate.find_lat_lon(da)
     extra = [d for d in da.dims if d not in (lat, lon)]
     big = [d for d in extra if da.sizes[d] != 1]
     if big:
@@ -359,8 +316,8 @@ def item_identity(da: xr.DataArray) -> str:
     """``number=3 · time=2017-01-01 12:00 · isobaricInhPa=850`` from scalar coords."""
     lat, lon = (None, None)
     try:
-        lat, lon = find_lat_lon(da)
-    except ValueError:
+        lat, lon = climate.find_lat_lon(da)
+    except ValueError:  # ClimateDataError: no recognisable axes
         pass
     parts = []
     for k, c in da.coords.items():
@@ -502,39 +459,15 @@ def _new_figure(figsize, dpi, layout=None):
     return fig
 
 
-def _atomic_write(path, write: Callable[[str], None], overwrite: bool) -> Path:
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists and overwrite=False")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix
-    )
-    os.chmod(tmp, _default_mode())  # mkstemp makes 0600; users expect 0644
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, refuses to clobber
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists and overwrite=False") from None
-            except OSError:  # filesystem without hard links
-                if path.exists():
-                    raise FileExistsError(f"{path} exists and overwrite=False") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _write_file(path, write: Callable[[str], object], overwrite: bool) -> Path:
+    """:func:`mscn_core.atomic.write_atomic`, creating the destination folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, write, overwrite=overwrite)
 
 
 def _save_png(fig, path, overwrite: bool) -> Path:
     try:
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite)
+        return _write_file(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite)
     finally:
         fig.clear()
 
@@ -816,11 +749,5 @@ def rotating_globe_gif(
             optimize=False,
         )
 
-    return _atomic_write(path, write, overwrite)
+    return _write_file(path, write, overwrite)
 
-
-def _default_mode() -> int:
-    """0o666 minus the process umask: what a plain ``open()`` would have created."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
