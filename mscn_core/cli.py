@@ -443,12 +443,18 @@ def build_parser(modality=None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_inspect)
 
     def modality_flags(s):
+        threads_flag(s)
         s.add_argument("--modality", metavar="NAME",
                        help="modality plugin, NAME or DIST:NAME (default: the checkpoint's, "
                        "else guessed from the file)")
         opts = getattr(modality, "options", None) if modality is not None else None
         if isinstance(opts, type) and dataclasses.is_dataclass(opts):
             add_config_flags(s, opts, f"{modality.name} options", prefix=OPTIONS)
+
+    def threads_flag(s):
+        s.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                       help="CPU threads for torch (default: torch's; 1 is often fastest for "
+                       "small networks on a busy machine)")
 
     def out_flags(s):
         s.add_argument("-o", "--output", required=True, help="output file")
@@ -564,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
             print("mscn view: error: give TRUTH RECON, optionally after a viewer name",
                   file=sys.stderr)
             return 2
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     known = (BitstreamError, CheckpointError, ModalityError, FileExistsError,
              FileNotFoundError, ValueError)
     try:

@@ -231,10 +231,18 @@ class Decoded:
         return 8 * self.n_bytes / self.n_values if self.n_values > 0 else None
 
 
-def decode_stream(data: bytes, ck: Checkpoint, options: Any = None) -> Decoded:
-    """Bytes → artifacts, rebuilt by the plugin named in the stream."""
+def decode_stream(data: bytes, ck: Checkpoint, options: Any = None,
+                  modality: Any = None) -> Decoded:
+    """Bytes → artifacts, rebuilt by the plugin named in the stream.
+
+    ``modality``: a plugin object to use instead of the installed one of that name
+    (a plugin under development); it must carry the stream's modality name.
+    """
     stream = bs.read_bitstream(data, expected_checkpoint_hash=ck.sha256)
-    modality = get_modality(stream.modality)
+    if modality is None:
+        modality = get_modality(stream.modality)
+    elif modality.name != stream.modality:
+        raise ValueError(f"the stream holds {stream.modality!r} items, not {modality.name!r}")
     modality.load_state(ck.modality_state)
     common = stream.extra.get("common", {})
     q, model = quantizer(ck, stream.bits)

@@ -213,6 +213,15 @@ def test_encode_decode_round_trip_matches_fit_at_same_quantisation(loaded, tmp_p
         assert d.name == "t" and d.attrs["units"] == "K"
         np.testing.assert_array_equal(d["latitude"], f["latitude"])
         assert int(d["number"]) == int(f["number"]) and d["time"].values == f["time"].values
+    # a plugin object handed in (one under development) decodes the same; another refuses
+    mine = decode_stream(data, ck, modality=m).artifacts
+    np.testing.assert_array_equal(mine[0].values, decoded[0].values)
+
+    class Other(type(m)):
+        name = "other"
+
+    with pytest.raises(ValueError, match="holds 'sphere' items, not 'other'"):
+        decode_stream(data, ck, modality=Other())
 
 
 def test_sphere_options_pick_fields_metadata_and_output_grid(loaded):
@@ -394,6 +403,7 @@ def test_meta_train_cli_then_inspect(tmp_path):
               "--sel", "number=0,1", "--val-sel", "number=1", "--depth", "3", "--width", "16",
               "--budget", "8", "--outer-steps", "4", "--outer-lr", "1e-3", "--batch-size", "2",
               "--points-per-item", "128", "--val-every", "2", "--progress", "false",
+              "--threads", "1",
               "--log-path", log, "-o", ck)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
