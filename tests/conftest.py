@@ -12,6 +12,17 @@ ERA5 = vendored_path("era5_t_z_3deg_2017-01-01_float32.nc")
 SHARED_CLIMATE = Path(__file__).resolve().parents[2] / "shared" / "data" / "climate"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny nets: a second thread gains nothing and, on a shared machine, costs a lot."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_sphere_checkpoint(tmp_path_factory) -> Path:
     """4-layer × 32 SIREN, budget 48, 40 outer steps on ERA5 t850 members 0-5."""

@@ -52,13 +52,6 @@ from mscn_core.siren import SirenConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_siren(in_dim: int = 2, width: int = 8, depth: int = 3, w0: float = 3.0) -> SirenConfig:
     return SirenConfig(in_dim=in_dim, out_dim=1, width=width, depth=depth, w0=w0, w0_first=w0)

@@ -30,14 +30,6 @@ from mscn_plugins.sphere import SphereModality, SphereOptions, sphere_coords
 COADS = vendored_path("coads_sst_airt_2deg_jan-mar.nc")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny nets: a second thread gains nothing and, on a shared machine, costs a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _mscn(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mscn_core", *map(str, args)],
