@@ -19,10 +19,6 @@ import typing
 import warnings
 from pathlib import Path
 
-from .meta import TrainConfig
-from .methods import GRAD_IMPLS, REGISTRY, MethodConfig
-from .siren import SirenConfig
-
 # -- dataclass ⇄ argparse: every config field is a flag, defaults are the paper's --------
 
 
@@ -77,7 +73,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(),
         if typing.get_origin(tp) is list:
             inner = typing.get_args(tp)
             kw.update(action="append", default=None, type=inner[0] if inner else str)
-        choices = {"method": tuple(REGISTRY), "grad_impl": GRAD_IMPLS}.get(f.name)
+        choices = None
+        if f.name in ("method", "grad_impl"):  # only the method config has these
+            from .methods import GRAD_IMPLS, REGISTRY
+
+            choices = {"method": tuple(REGISTRY), "grad_impl": GRAD_IMPLS}[f.name]
         if typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
         if choices:
@@ -204,6 +204,10 @@ def cmd_meta_train(args) -> int:
         n_val = max(1, round(args.val_fraction * len(items))) if len(items) > 1 else 0
         val = [items[i] for i in order[:n_val]]
         train = [items[i] for i in order[n_val:]] or val
+    from .meta import TrainConfig
+    from .methods import MethodConfig
+    from .siren import SirenConfig
+
     siren = config_from_args(args, SirenConfig, "siren")
     method = config_from_args(args, MethodConfig, "method")
     tcfg = config_from_args(args, TrainConfig, "train")
@@ -423,8 +427,11 @@ def resolve_modality(argv: list[str]):
     return get_modality(name)
 
 
-def build_parser(modality=None) -> argparse.ArgumentParser:
-    """The full parser; with a modality, its options become flags of its commands."""
+def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
+    """The full parser; with a modality, its options become flags of its commands.
+
+    ``light``: without the meta-training config flags (enough to list the commands).
+    """
     p = argparse.ArgumentParser(
         prog="mscn", description="Meta-Learning Sparse Compression Networks: meta-learn a "
         "shared SIREN, represent each signal by a few hundred sparse modulations, write "
@@ -476,9 +483,14 @@ def build_parser(modality=None) -> argparse.ArgumentParser:
                    help="validation items from these files (never trained on) instead of a "
                    "random split")
     modality_flags(s)
-    add_config_flags(s, SirenConfig, "siren", skip=("in_dim", "out_dim"))
-    add_config_flags(s, MethodConfig, "method")
-    add_config_flags(s, TrainConfig, "train")
+    if not light:  # the engine's configs need torch: not for the top-level --help
+        from .meta import TrainConfig
+        from .methods import MethodConfig
+        from .siren import SirenConfig
+
+        add_config_flags(s, SirenConfig, "siren", skip=("in_dim", "out_dim"))
+        add_config_flags(s, MethodConfig, "method")
+        add_config_flags(s, TrainConfig, "train")
     s.set_defaults(func=cmd_meta_train)
 
     def fit_flags(s):
@@ -543,19 +555,23 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _one_line_warning
+    command = _scan(argv)[0]
+    modality = None
+    if command in MODALITY_COMMANDS:
+        from .registry import ModalityError
+
+        try:
+            modality = resolve_modality(argv)
+        except ModalityError as err:
+            print(f"mscn {command}: error: {err}", file=sys.stderr)
+            return 2
+    args = build_parser(modality, light=command is None).parse_args(argv)
     from .bitstream import BitstreamError
     from .checkpoint import CheckpointError
     from .registry import ModalityError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    warnings.showwarning = _one_line_warning
-    try:
-        modality = resolve_modality(argv)
-    except ModalityError as err:
-        command = _scan(argv)[0]
-        print(f"mscn {command}: error: {err}", file=sys.stderr)
-        return 2
-    args = build_parser(modality).parse_args(argv)
     if args.command in MODALITY_COMMANDS:
         if modality is None:
             need = "--checkpoint" if args.command not in ("meta-train", "view") else "--modality"

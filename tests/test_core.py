@@ -694,3 +694,17 @@ def test_allocator_preload_and_opt_out(monkeypatch):
     assert "LD_PRELOAD" not in allocator.preload_env({"MSCN_ALLOCATOR": "glibc"})
     monkeypatch.setattr(allocator, "tcmalloc_path", lambda: None)
     assert "LD_PRELOAD" not in allocator.preload_env({})
+
+
+def test_top_level_help_does_not_import_torch():
+    """DESIGN §7 wants `mscn --help` under a second; torch alone takes about one."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mscn_core.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "meta-train" in out.stdout and out.stdout.strip().endswith("False")
