@@ -18,13 +18,13 @@ Header JSON (compact, sorted keys)::
      "bits": 6, "n_items": 2, "items": [{...}, {...}], "payload_lengths": [123, 456],
      "extra": {...}}
 
-``items`` are arbitrary JSON-serialisable dicts needed to rebuild each artifact (grid,
-variable, units, scaling, fill values, ...). numpy scalars/arrays are converted to Python
+``items`` are arbitrary JSON-serialisable dicts a plugin needs to rebuild each
+artifact (its own business; the core never reads them). numpy scalars/arrays are converted to Python
 numbers/lists on write. Non-finite floats are written as the (non-standard, but read by
-Python's ``json``) tokens ``NaN``/``Infinity`` so NetCDF fill values survive.
+Python's ``json``) tokens ``NaN``/``Infinity`` so non-finite metadata values survive.
 
-The header is zlib-compressed because at ≤ 0.05 bits/value the item metadata (grid,
-names, attributes) would otherwise cost more than the modulations themselves.
+The header is zlib-compressed because at ≤ 0.05 bits/value the item metadata
+would otherwise cost more than the modulations themselves.
 
 Checksum choice: CRC-32 (4 bytes). The container targets ≤ 0.05 bits/value where every
 byte of overhead counts, and the threat model is accidental damage (truncated downloads,

@@ -437,7 +437,7 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
         "shared SIREN, represent each signal by a few hundred sparse modulations, write "
         "them to a real bitstream and decode them back.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    hint = ("modality options (e.g. which variable, which grid) are listed once the "
+    hint = ("the modality's own options are listed once the "
             "modality is known: add --modality NAME or --checkpoint CKPT to --help")
 
     s = sub.add_parser("modalities", help="list installed modality plugins and their status")
@@ -527,7 +527,7 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     modality_flags(s)
     s.set_defaults(func=cmd_encode)
 
-    s = sub.add_parser("decode", help="rebuild the artifact (e.g. NetCDF) from an .mscn file",
+    s = sub.add_parser("decode", help="rebuild the artifacts from an .mscn file",
                        epilog=hint)
     s.add_argument("file")
     s.add_argument("--checkpoint", required=True)
@@ -538,11 +538,11 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s = sub.add_parser("view", help="render truth beside reconstruction to PNG", epilog=hint,
                        usage="mscn view [VIEWER] TRUTH RECON -o PNG [options]")
     s.add_argument("targets", nargs="+", metavar="[VIEWER] TRUTH RECON",
-                   help="optional viewer or modality name (e.g. globe), the original file "
+                   help="optional viewer or modality name, the original file "
                    "and the reconstruction (from mscn fit or decode)")
     s.add_argument("--index", type=int, default=0, help="which item of the files to show")
     s.add_argument("--gif", default=None,
-                   help="also write an animation here (rotating globe, turntable)")
+                   help="also write an animation here, when the viewer makes one")
     out_flags(s)
     modality_flags(s)
     s.set_defaults(func=cmd_view)

@@ -11,7 +11,7 @@ Optional: everything else, including ``view`` (absent = no viewer).
 
 Vocabulary
 ----------
-*item*       whatever ``read`` returns (a DataArray, a mesh, an image array…): the core
+*item*       whatever ``read`` returns (any object of the plugin's): the core
              never looks inside.
 *signal*     :class:`~mscn_core.signals.Signal`: ``coords (N, k)`` sample inputs (network
              points for pointwise modalities, rays for NeRF), ``targets (N, c)``, a mask.
@@ -145,7 +145,7 @@ class Modality:
         return masked_mse(self.render(field, batch.coords), batch.targets, batch.weights)
 
     def n_values(self, signal: Signal) -> int:
-        """The denominator of bits per value (grid values, pixels…), not sample counts."""
+        """The denominator of bits per value (what the plugin's users count), not samples."""
         return signal.n_points * signal.targets.shape[1]
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:

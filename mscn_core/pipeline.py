@@ -1,7 +1,7 @@
 """File → signal → modulations → bytes, and back: the core's end-to-end operations.
 
 Everything here talks to a modality only through the plugin contract, so the same
-functions serve climate fields, shapes and scenes.
+functions serve every modality.
 """
 
 from __future__ import annotations
