@@ -22,7 +22,7 @@ from .meta import TrainConfig, adapt, meta_train
 from .methods import MethodConfig, build_representation
 from .quantize import QuantizerStats, UniformQuantizer, fit_stats
 from .registry import get_modality
-from .signals import Batch, Signal, full_batches
+from .signals import Batch, Signal, full_batches, sample_batch
 from .siren import SirenConfig
 
 BIT_DEPTHS = tuple(range(2, 9))
@@ -73,9 +73,7 @@ def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int 
         sigs = [signals[i] for i in chunk]
 
         def draw(k: int = 0, sigs=sigs, gens=gens) -> Batch:
-            parts = [modality.sample(sg, budget, g) for sg, g in zip(sigs, gens, strict=True)]
-            c, t, w = (torch.stack(x) for x in zip(*parts, strict=True))
-            return Batch(c, t, w.to(c.dtype))
+            return sample_batch(modality, sigs, budget, gens)
 
         jobs.append((chunk, draw(), draw))
     for idx, batch, resample in jobs:

@@ -11,6 +11,7 @@ warning; the built-in wins unless the user picks the other as ``DIST:NAME``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import os
@@ -154,7 +155,7 @@ def list_modalities() -> list[ModalityInfo]:
         info = _load(spec)[1]
         group = groups[spec.name]
         if len(group) > 1:
-            info = ModalityInfo(**{**info.__dict__})
+            info = dataclasses.replace(info)  # the cached row stays as it was
             others = ", ".join(s.distribution for s in group if s is not spec)
             chosen = _default_choice(group)
             info.note = (f"name also registered by {others}; "

@@ -50,9 +50,15 @@ class Batch(NamedTuple):
 
 
 def sample_batch(modality: Any, signals: Sequence[Signal], n: int,
-                 generator: torch.Generator | None = None) -> Batch:
-    """``n`` samples of every signal by the modality's own sampler, stacked."""
-    parts = [modality.sample(s, n, generator) for s in signals]
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None
+                 ) -> Batch:
+    """``n`` samples of every signal by the modality's own sampler, stacked.
+
+    ``generator``: one shared by all signals, or one per signal (then a signal's samples
+    do not depend on which others are in the batch).
+    """
+    gens = (generator if isinstance(generator, Sequence) else [generator] * len(signals))
+    parts = [modality.sample(s, n, g) for s, g in zip(signals, gens, strict=True)]
     c, t, w = (torch.stack(x) for x in zip(*parts, strict=True))
     return Batch(c, t, w.to(c.dtype))
 
