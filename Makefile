@@ -8,7 +8,12 @@ OUT   := out/demo
 # Held-out ERA5 members (never seen in training, see plugins/checkpoints/README.md)
 HELD  := --var t --sel isobaricInhPa=850 --sel number=8,9
 
-.PHONY: test demo setup checkpoint clean
+# Held-out mesh (never in training or validation, see datasets/data/meshes/split.json)
+MESH  := datasets/data/meshes/bunny00.ply
+SDF   := plugins/checkpoints/shapes_sdf.safetensors
+VOX   := plugins/checkpoints/shapes_voxel.safetensors
+
+.PHONY: test demo setup checkpoint shape-checkpoints clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	./scripts/setup.sh
@@ -29,11 +34,21 @@ demo: $(STAMP)
 	$(BIN)/mscn decode $(OUT)/t850.mscn --checkpoint $(CKPT) -o $(OUT)/t850_decoded.nc --overwrite
 	$(BIN)/mscn view globe $(DATA) $(OUT)/t850_decoded.nc $(HELD) --index 0 -o $(OUT)/t850_globe.png --overwrite
 	$(BIN)/mscn view globe $(DATA) $(OUT)/t850_recon_1deg.nc $(HELD) --index 0 -o $(OUT)/t850_globe_1deg.png --overwrite
+	$(BIN)/mscn fit $(MESH) --checkpoint $(SDF) -o $(OUT)/bunny_sdf.obj --overwrite
+	$(BIN)/mscn encode $(MESH) --modality sdf --checkpoint $(SDF) -o $(OUT)/bunny.mscn --overwrite
+	$(BIN)/mscn decode $(OUT)/bunny.mscn --checkpoint $(SDF) -o $(OUT)/bunny_decoded.glb --overwrite
+	$(BIN)/mscn view mesh $(MESH) $(OUT)/bunny_decoded.glb -o $(OUT)/bunny_sdf.png --overwrite
+	$(BIN)/mscn fit $(MESH) --modality voxel --checkpoint $(VOX) -o $(OUT)/bunny_voxels.binvox --overwrite
+	$(BIN)/mscn view voxels $(MESH) $(OUT)/bunny_voxels.binvox -o $(OUT)/bunny_voxels.png --overwrite
 	@echo "demo outputs in $(OUT)/"
 
 # Rebuilds the shipped checkpoint from the vendored data (about 10 minutes on 2 cores).
 checkpoint: $(STAMP)
 	$(BIN)/python plugins/checkpoints/build_era5_t850.py
+
+# Rebuilds the shipped SDF and voxel checkpoints from the vendored meshes (CPU).
+shape-checkpoints: $(STAMP)
+	$(BIN)/python plugins/checkpoints/build_shapes.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

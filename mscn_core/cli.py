@@ -95,6 +95,18 @@ def config_from_args(args: argparse.Namespace, cls, title: str):
     return cls(**values)
 
 
+@dataclasses.dataclass
+class ScratchConfig:
+    """``mscn fit`` without a checkpoint: COIN-style fitting. A CPU-sized network by
+    default (the paper's 15×512 takes hours per item on CPU without meta-learning)."""
+
+    depth: int = 6  # layers including the linear output layer
+    width: int = 128  # units per hidden layer
+    w0: float = 30.0  # SIREN frequency
+    coin_steps: int = 1000  # Adam steps per item (COIN; --steps overrides)
+    coin_lr: float = 1e-4  # Adam learning rate
+
+
 # -- commands --------------------------------------------------------------------------
 
 OPTIONS = "opt"  # argparse dest prefix of the modality's own options
@@ -163,8 +175,26 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def expand_paths(modality, paths) -> list[Path]:
+    """Files as given; a folder (not itself a store the modality opens) becomes every file
+    under it the modality can open, sorted (ShapeNet-style trees of one item per file)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not modality.guess_can_open(p):
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and modality.guess_can_open(f))
+            if not found:
+                raise FileNotFoundError(f"{p}: no files the {modality.name!r} modality "
+                                        "can read in this folder")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
 def _read_items(modality, paths, options) -> list:
     items = []
+    paths = expand_paths(modality, paths)
     for p in paths:
         items += modality.read(p, options)
     if not items:
@@ -250,10 +280,33 @@ def _refuse_existing(args) -> None:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
 
 
+def _from_scratch(args, modality, items):
+    """No checkpoint: a COIN-style network per item, fitted from scratch with Adam."""
+    from .checkpoint import Checkpoint
+    from .methods import MethodConfig, build_representation
+    from .siren import SirenConfig
+
+    siren = config_from_args(args, ScratchConfig, "scratch")
+    print(f"no --checkpoint: fitting a {siren.depth}×{siren.width} SIREN from scratch per item "
+          f"({args.steps or siren.coin_steps} Adam steps, COIN-style)", file=sys.stderr)
+    modality.fit_state(items)
+    arch = SirenConfig(in_dim=modality.in_dim, out_dim=modality.out_dim, width=siren.width,
+                       depth=siren.depth, w0=siren.w0, w0_first=siren.w0)
+    rep = build_representation(arch, MethodConfig(method="coin", coin_steps=siren.coin_steps,
+                                                  coin_lr=siren.coin_lr))
+    ck = Checkpoint(rep, modality.name, modality.state(), info={"from_scratch": True})
+    ck.sha256 = "none (fitted from scratch)"
+    return ck
+
+
 def _load(args):
     from .checkpoint import load_checkpoint
 
     _refuse_existing(args)
+    if args.checkpoint is None and args.command == "fit":
+        return None, args.modality_obj
+    if args.checkpoint is None:
+        raise ValueError("--checkpoint is required")
     ck = load_checkpoint(args.checkpoint)
     modality = args.modality_obj
     if modality.name != ck.modality:
@@ -271,6 +324,10 @@ def _summary(metrics: list[dict]) -> dict:
 def cmd_fit(args) -> int:
     ck, modality = _load(args)
     items = _read_items(modality, [args.file], args.options)
+    if ck is None:
+        if args.bits:
+            raise ValueError("--bits needs a --checkpoint (its quantiser and entropy model)")
+        ck = _from_scratch(args, modality, items)
     signals, preds, metrics = _fit(args, ck, modality, items)
     recon = [modality.reconstruct(s.meta, p, args.options, template=i)
              for s, p, i in zip(signals, preds, items, strict=True)]
@@ -501,10 +558,15 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
                        help="quantise modulations to this many bits, as the bitstream would")
         budget_flag(s)
 
-    s = sub.add_parser("fit", help="represent every item of a file; write the reconstruction",
+    s = sub.add_parser("fit", help="represent every item of a file; write the reconstruction "
+                       "(without --checkpoint: a network fitted from scratch, COIN-style)",
                        epilog=hint)
     s.add_argument("file")
     fit_flags(s)
+    s._option_string_actions["--checkpoint"].required = False
+    s._option_string_actions["--checkpoint"].help = ("meta-learned checkpoint (without it: "
+                                                      "fit from scratch, see below)")
+    add_config_flags(s, ScratchConfig, "from scratch (no --checkpoint)", prefix="scratch")
     out_flags(s)
     modality_flags(s)
     s.set_defaults(func=cmd_fit)
@@ -574,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in MODALITY_COMMANDS:
         if modality is None:
-            need = "--checkpoint" if args.command not in ("meta-train", "view") else "--modality"
+            need = {"meta-train": "--modality", "view": "--modality",
+                    "fit": "--checkpoint or --modality"}.get(args.command, "--checkpoint")
             print(f"mscn {args.command}: error: cannot tell the modality; pass {need}",
                   file=sys.stderr)
             return 2

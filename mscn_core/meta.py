@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from .methods import Coin, Representation
 from .signals import Batch, Signal, full_batches, sample_batch
@@ -110,8 +111,12 @@ def fit_from_scratch(rep: Coin, batch: Batch, modality, steps: int | None = None
     steps = rep.cfg.coin_steps if steps is None else steps
     state = rep.init_state(batch.coords.shape[0])
     opt = torch.optim.Adam(list(state.values()), lr=rep.cfg.coin_lr)
-    with torch.enable_grad():
+    # long fits show a bar (on a terminal only: tqdm's disable=None)
+    bar = tqdm(total=steps, desc="fit from scratch", leave=False, disable=None if steps >= 100
+               else True)
+    with bar, torch.enable_grad():
         for t in range(1, steps + 1):
+            bar.update()
             b = batch if resample is None or t == 1 else resample(t - 1)
             opt.zero_grad(set_to_none=True)
             item_losses(rep, modality, state, {}, b).sum().backward()
@@ -240,7 +245,6 @@ def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signa
     rollbacks, history = 0, []
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.outer_steps, desc=f"meta-train {rep.name}", unit="step")
 
     def rollback(reason: str, step: int) -> None:
