@@ -32,8 +32,8 @@ COMMON = [
     "--seed", "0",
 ]
 RUNS = {
-    "sdf": ["--modality", "sdf", "--outer-steps", "250", "--points-per-item", "4096"],
-    "voxel": ["--modality", "voxel", "--outer-steps", "250", "--points-per-item", "4096"],
+    "sdf": ["--modality", "sdf", "--outer-steps", "150", "--points-per-item", "4096"],
+    "voxel": ["--modality", "voxel", "--outer-steps", "150", "--points-per-item", "4096"],
 }
 
 
