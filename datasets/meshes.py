@@ -33,6 +33,7 @@ Measured choices (2-core CPU, this machine; bench/sdf_truth.py has the details):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -649,3 +650,35 @@ def save_meshes(shapes: list[Shape], path, overwrite: bool = False,
                          "write .glb or .obj (one scene)")
     return write_atomic(path, lambda tmp: obj.export(tmp, file_type=ext.lstrip(".")),
                         overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- pytorch3d
+PYTORCH3D_AVAILABLE = importlib.util.find_spec("pytorch3d") is not None
+
+
+def from_pytorch3d(batch, name: str = "pytorch3d") -> list[Shape]:
+    """Shapes from a ``pytorch3d.structures.Meshes`` batch (one per mesh, normalised).
+
+    pytorch3d cannot be installed everywhere (no wheel for every platform); the
+    torch/trimesh/open3d path is the one shipped and tested, this only converts.
+    """
+    if not PYTORCH3D_AVAILABLE:
+        raise ImportError("pytorch3d is not installed; pass mesh files instead")
+    out = []
+    for i, (v, f) in enumerate(zip(batch.verts_list(), batch.faces_list(), strict=True)):
+        mesh = _clean(_plain(v.detach().cpu().double().numpy(), f.detach().cpu().numpy()))
+        unit, frame = normalise(mesh)
+        out.append(Shape(f"{name}#{i}", name, frame, unit, None, bool(unit.is_watertight)))
+    return out
+
+
+def to_pytorch3d(shapes: list[Shape]):
+    """The shapes' meshes, in their original frames, as one ``pytorch3d`` Meshes batch."""
+    if not PYTORCH3D_AVAILABLE:
+        raise ImportError("pytorch3d is not installed; use save_meshes to write files")
+    import torch
+    from pytorch3d.structures import Meshes
+
+    ms = [s.original_mesh() for s in shapes]
+    return Meshes(verts=[torch.as_tensor(m.vertices, dtype=torch.float32) for m in ms],
+                  faces=[torch.as_tensor(m.faces, dtype=torch.int64) for m in ms])

@@ -93,7 +93,9 @@ def read_shapes(path: str | os.PathLike, max_faces: int, rotations: int) -> list
 
 class SdfModality(Modality):
     name = "sdf"
-    description = "signed distance functions of meshes (OBJ/PLY/OFF/STL/GLB) → marching cubes"
+    description = ("signed distance functions of meshes (OBJ/PLY/OFF/STL/GLB) → marching cubes"
+                   + ("; pytorch3d Meshes in/out (meshes.from_pytorch3d/to_pytorch3d)"
+                      if meshes.PYTORCH3D_AVAILABLE else ""))
     in_dim = 3
     out_dim = 1
     file_extensions = meshes.MESH_EXTENSIONS

@@ -285,3 +285,10 @@ def test_existing_output_is_kept_without_overwrite(sdf_ckpt, tmp_path):
     out.write_text("precious")
     line = _error_line(_mscn("fit", BUNNY, "--checkpoint", sdf_ckpt, "-o", out))
     assert "overwrite" in line and out.read_text() == "precious"
+
+
+@pytest.mark.skipif(meshes.PYTORCH3D_AVAILABLE, reason="checks the message without pytorch3d")
+def test_pytorch3d_interop_says_it_is_not_installed():
+    """pytorch3d has no wheel here: the conversion refuses in one clear line."""
+    with pytest.raises(ImportError, match="pytorch3d is not installed"):
+        meshes.to_pytorch3d([])
