@@ -111,17 +111,22 @@ def eval_signal(signal, seed: int = 0):
                        truth=signal.truth)
 
 
+def num(x) -> float:
+    """A metric as a float; NaN for the JSON's null (an empty mesh's distances)."""
+    return math.nan if x is None else float(x)
+
+
 def summary(per_mesh: dict) -> dict:
     """Means over meshes; None where a mesh decoded to nothing (NaN distances), with the
     mean over the non-empty ones and the count of empty ones beside it."""
     out = {}
     for k in KEYS:
-        vals = [v[k] for v in per_mesh.values()]
+        vals = [num(v[k]) for v in per_mesh.values()]
         finite = [x for x in vals if math.isfinite(x)]
         out[k] = float(np.mean(vals)) if len(finite) == len(vals) else None
         if len(finite) < len(vals):
             out[f"{k}_nonempty_mean"] = float(np.mean(finite)) if finite else None
-    out["n_empty"] = int(sum(v["empty"] > 0 for v in per_mesh.values()))
+    out["n_empty"] = int(sum(num(v["empty"]) > 0 for v in per_mesh.values()))
     return out
 
 
@@ -228,7 +233,7 @@ def plot(result: dict, path: Path) -> None:
               ("iou", "IoU on the 64³ lattice (higher is better)", False),
               ("fscore", "F-score @ 1 % (higher is better)", False)]
     budgets = result["config"]["budgets"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
     styles = {"mscn": ("tab:red", "o", "MSCN (sparse shifts)"),
               "functa": ("tab:blue", "s", "Functa (latent → shifts)")}
     coin_styles = {"3": ":", "100": "--", "500": "-."}
@@ -249,7 +254,7 @@ def plot(result: dict, path: Path) -> None:
                                 textcoords="offset points")
             for b, r in zip(budgets, runs, strict=True):
                 if r:
-                    v = [x[key] for x in r["per_mesh"].values()]
+                    v = [num(x[key]) for x in r["per_mesh"].values()]
                     ax.scatter([b * (0.93 if method == "mscn" else 1.07)] * len(v), v, s=10,
                                color=colour, alpha=0.35, marker=marker)
         for steps, r in result["coin"]["runs"].items():
@@ -264,16 +269,19 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticklabels([str(b) for b in budgets])
         if log:
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.02, 1.04)
         ax.set_xlabel("modulations per mesh (MSCN budget = Functa latent size)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     c = result["config"]
     fig.suptitle(f"held-out meshes ({', '.join(result['data']['test'])}) after "
                  f"{c['inner_steps']} inner steps; {c['depth']}×{c['width']} SIREN, "
                  f"{c['outer_steps']} outer steps each (batch {c['batch_size']} × "
                  f"{c['points_per_item']} points); small dots: single meshes", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -399,7 +407,7 @@ def report(result: dict, args) -> int:
         lines.append(f"| {name} | {size} | {cd} | {fmt(mean['iou'], '.3f')}"
                      f" | {fmt(mean['fscore'], '.3f')} | {fmt(mean['normal_consistency'], '.3f')}"
                      " | " + " | ".join(fmt(r["per_mesh"][n]["chamfer_l1"])
-                                        if math.isfinite(r["per_mesh"][n]["chamfer_l1"])
+                                        if math.isfinite(num(r["per_mesh"][n]["chamfer_l1"]))
                                         else "empty" for n in names)
                      + " |")
     result["markdown_table"] = "\n".join(lines)
