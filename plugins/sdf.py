@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ class SdfModality(Modality):
     def to_signal(self, item: meshes.Shape, options: SdfOptions | None = None) -> ShapeSignal:
         o = _opts(options)
         self._use_loss_options(o)
-        seed = int.from_bytes(item.name.encode()[:8].ljust(8, b"\0"), "little") % 2**32
+        seed = zlib.crc32(item.name.encode())  # the whole name: knot1 and knot2 differ
         rng = np.random.default_rng(seed)  # the same item always gets the same samples
         lattice = meshes.grid_points(o.metric_grid, BOUND, centres=False)
         near, near_sdf = meshes.sdf_samples(item.mesh, o.near_samples, 0, rng)
