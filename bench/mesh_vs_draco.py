@@ -451,7 +451,6 @@ def main(argv=None) -> int:
     sc = ck.rep.siren_cfg
     result: dict = {
         "benchmark": "mesh_vs_draco", "quick": args.quick, "machine": C.machine_info(),
-        "device": f"CPU, {args.threads} torch threads",
         "command": " ".join([".venv/bin/python bench/mesh_vs_draco.py",
                              *(argv if argv is not None else sys.argv[1:])]),
         "config": {"bits": bits_list, "draco_quantization_bits": qs,
@@ -502,6 +501,9 @@ def main(argv=None) -> int:
 
 def report(result: dict, args) -> int:
     """Comparison, tables and plot from the measurements (also ``--replot``)."""
+    mach = result["machine"]
+    result["device"] = (f"CPU, {mach['cpus']} cores shared with other jobs, "
+                        f"{mach['torch_threads']} torch thread(s)")
     result["comparison"] = cmp = compare(result["meshes"])
     lines = ["| mesh | bits | MSCN bytes (payload) | MSCN Chamfer | F-score | NC | Draco bytes "
              "at equal Chamfer | Draco/MSCN | note |", "|" + "---|" * 9]
