@@ -6,11 +6,13 @@ every open3d render runs in ``python -m mscn_viewers.mesh3d --render-spec spec.j
 parent writes the meshes (PLY with vertex colours) and a JSON spec to a temporary folder,
 the child renders all panels/frames of one call in a single process (open3d startup is the
 slow part) and saves raw images there; the parent composes captions, colour bar and stats
-with matplotlib and writes the file. If the child dies (signal, non-zero exit, timeout,
-missing output) the same panels are drawn by a small software renderer (depth-sorted
-polygons with Lambert shading in matplotlib) and ONE :class:`RendererFallbackWarning` says
-why. ``MSCN_RENDERER=open3d|matplotlib`` forces a backend (``open3d`` then raises instead
-of falling back).
+with matplotlib and writes the file. If the child fails (signal, non-zero exit, missing
+output, no new panel for :data:`CHILD_TIMEOUT_S`) the same panels are drawn by a small
+software renderer (depth-sorted polygons with Lambert shading in matplotlib) and ONE
+:class:`RendererFallbackWarning` says why. ``MSCN_RENDERER=open3d|matplotlib`` forces a
+backend (``open3d`` then raises instead of falling back). On Mesa llvmpipe the child pads
+every mesh with unused vertices: without that, frames of small meshes took 5-90 s (see
+:func:`_padded_o3d_mesh`).
 
 Conventions: +Y is up (the Stanford/CGAL meshes are Y-up); the camera looks from the
 front-right-above (:data:`VIEW_DIR`) at the truth's bounding-box centre, and both panels
@@ -28,9 +30,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +65,10 @@ UP = np.array([0.0, 1.0, 0.0])
 FOV_DEG = 30.0  # vertical field of view; small enough to look natural, large enough to frame
 #: Direction the light travels (from above, front-right), shared by both backends.
 LIGHT_DIR = np.array([-0.4, -1.0, -0.6]) / np.linalg.norm([-0.4, -1.0, -0.6])
-#: Seconds the open3d child may take for one call before we fall back.
+#: Seconds the open3d child may go without finishing a panel/frame before we fall back.
 CHILD_TIMEOUT_S = 180.0
+#: Unused vertices appended to every open3d mesh (see :func:`_padded_o3d_mesh`).
+PAD_VERTICES = 20_000
 #: The software renderer decimates meshes above this many faces (matplotlib is slow).
 MAX_SOFT_FACES = 20_000
 DEFAULT_UNITS = "fraction of the longest side"
@@ -115,7 +120,6 @@ class _Camera:
 class _Panel:
     items: list[tuple[int, np.ndarray]]  # (index into the geometry list, 4x4 transform)
     camera: _Camera
-    extra: dict = field(default_factory=dict)
 
 
 def _rgba_u8(colors: np.ndarray | Sequence[float], n: int) -> np.ndarray:
@@ -307,7 +311,7 @@ def _write_ply(g: _Geom, path: Path) -> None:
 
 def _describe_failure(rc: int | None, log: Path, timeout: float) -> str:
     if rc is None:
-        return f"child timed out after {timeout:.0f} s"
+        return f"child made no progress for {timeout:.0f} s"
     if rc < 0:
         try:
             name = f" ({signal.Signals(-rc).name})"
@@ -321,6 +325,29 @@ def _describe_failure(rc: int | None, log: Path, timeout: float) -> str:
     except OSError:
         pass
     return f"child exited with code {rc}{tail}"
+
+
+def _wait_with_progress(proc: subprocess.Popen, tmpdir: Path, stall_s: float) -> int | None:
+    """Wait for the child; ``None`` (after killing it) if no new panel appeared for
+    ``stall_s`` seconds. A stall limit, not a total one: llvmpipe frames take 1-20 s each
+    here (camera dependent), so a long turntable that keeps progressing is not a failure."""
+    done, last = -1, time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            pass
+        n = sum(1 for _ in tmpdir.glob("panel*.npy"))
+        now = time.monotonic()
+        if n != done:
+            done, last = n, now
+        elif now - last > stall_s:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the child's own session only
+            except OSError:
+                proc.kill()
+            proc.wait()
+            return None
 
 
 def _render_open3d(geoms: list[_Geom], panels: list[_Panel],
@@ -353,15 +380,7 @@ def _render_open3d(geoms: list[_Geom], panels: list[_Panel],
                 proc = subprocess.Popen(_child_command(spec_path), stdout=logf,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=tmpdir, start_new_session=True)
-                try:
-                    rc: int | None = proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    rc = None
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)  # our own session only
-                    except OSError:
-                        proc.kill()
-                    proc.wait()
+                rc = _wait_with_progress(proc, tmpdir, timeout)
         except OSError as exc:
             return None, f"could not start the child: {exc}"
         if rc != 0:
@@ -379,6 +398,32 @@ def _render_open3d(geoms: list[_Geom], panels: list[_Panel],
         return images, ""
 
 
+def _padded_o3d_mesh(o3d, path: str):
+    """Read a PLY for open3d, with normals, plus unreferenced copies of vertex 0.
+
+    Why the padding: on Mesa llvmpipe (lavapipe) with open3d 0.20, meshes of a few thousand
+    vertices took 5-90 s per frame (the 6k-face vendored cow: 90 s) and larger ones 1-20 s
+    depending on the camera; appending >= ~10k unused vertices made every measured case
+    0.1-0.5 s per frame. Unreferenced vertices are never drawn, so the image is unchanged.
+    """
+    m = o3d.io.read_triangle_mesh(path)
+    m.compute_vertex_normals()
+    v = np.asarray(m.vertices)
+    if len(v) == 0:
+        return m
+    pad = PAD_VERTICES + len(v) // 2
+    out = o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(np.concatenate([v, np.repeat(v[:1], pad, 0)])),
+        o3d.utility.Vector3iVector(np.asarray(m.triangles)))
+    n = np.asarray(m.vertex_normals)
+    out.vertex_normals = o3d.utility.Vector3dVector(np.concatenate([n, np.repeat(n[:1], pad, 0)]))
+    if m.has_vertex_colors():
+        c = np.asarray(m.vertex_colors)
+        out.vertex_colors = o3d.utility.Vector3dVector(
+            np.concatenate([c, np.repeat(c[:1], pad, 0)]))
+    return out
+
+
 def _child_main(spec_path: str) -> int:
     """Entry point of the render child: all panels of one spec with one OffscreenRenderer."""
     import open3d as o3d
@@ -386,11 +431,8 @@ def _child_main(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     w, h = int(spec["width"]), int(spec["height"])
-    meshes = {}
-    for key, path in spec["meshes"].items():
-        m = o3d.io.read_triangle_mesh(path)
-        m.compute_vertex_normals()
-        meshes[int(key)] = m
+    meshes = {key: _padded_o3d_mesh(o3d, path) for key, path in spec["meshes"].items()}
+    meshes = {int(k): m for k, m in meshes.items()}
     ren = rendering.OffscreenRenderer(w, h)
     scene = ren.scene
     scene.set_background([1.0, 1.0, 1.0, 1.0])
@@ -589,11 +631,20 @@ def _fmt_value(v) -> str:
     return f"{f:.4g}"
 
 
+_STAT_LABELS = {
+    "chamfer_l1": "Chamfer-L1", "chamfer": "Chamfer-L1", "chamfer_l2": "Chamfer-L2",
+    "iou": "IoU", "fscore": "F-score", "f_score": "F-score", "normal_consistency": "normal cons.",
+    "accuracy": "accuracy", "bits": "bits", "bytes": "bytes", "bpv": "bits/value",
+}
+
+
 def format_stats(stats: Mapping[str, object] | None) -> str:
-    """``Chamfer-L1 0.0041 | IoU 0.953 | bits 12,345``: keys as given, 4 significant digits."""
+    """``Chamfer-L1 0.0041 | IoU 0.953 | bits 12,345``: known snake_case keys get their
+    usual names (``fscore`` -> ``F-score``), others are shown as given; 4 significant digits."""
     if not stats:
         return ""
-    return "  |  ".join(f"{k} {_fmt_value(v)}" for k, v in stats.items())
+    return "  |  ".join(f"{_STAT_LABELS.get(str(k).strip().lower(), k)} {_fmt_value(v)}"
+                        for k, v in stats.items())
 
 
 @dataclass
@@ -756,19 +807,18 @@ def render_voxel_comparison(truth_occ: np.ndarray, recon_occ: np.ndarray, path: 
         w, h = lay.size
         handles = [Patch(facecolor=CORRECT_RGB, edgecolor="k", label=f"correct ({n_tp:,})"),
                    Patch(facecolor=FALSE_POS_RGB, edgecolor="k",
-                         label=f"false positive: extra ({n_fp:,})"),
+                         label=f"false positive / extra ({n_fp:,})"),
                    Patch(facecolor=FALSE_NEG_RGB, edgecolor="k",
-                         label=f"false negative: missing ({n_fn:,})")]
-        y0 = lay.top + lay.caption + ph + 6
+                         label=f"false negative / missing ({n_fn:,})")]
+        y0 = lay.top + lay.caption + ph + 8
         fig.legend(handles=handles, loc="upper center", ncol=3, frameon=False, fontsize=10,
-                   bbox_to_anchor=(0.75, 1 - y0 / h), handlelength=1.2, columnspacing=1.0)
-        fig.text(0.25, 1 - (y0 + 12) / h, f"truth: {int(t.sum()):,} voxels",
-                 ha="center", va="center", fontsize=10, color="#444444")
+                   bbox_to_anchor=(0.5, 1 - y0 / h), handlelength=1.2, columnspacing=1.5)
         res = "x".join(str(s) for s in t.shape)
         line = "  |  ".join(s for s in (format_stats(stats), f"grid {res}") if s)
         fig.text(0.5, 12 / h, line, ha="center", va="center", fontsize=10)
 
-    fig = _compose(layout, images, ["truth", "reconstruction vs truth"], title, footer)
+    captions = [f"truth ({int(t.sum()):,} voxels)", "reconstruction vs truth"]
+    fig = _compose(layout, images, captions, title, footer)
     return _save_fig(fig, path, overwrite)
 
 
