@@ -201,6 +201,18 @@ def coin_fit(siren, modality, signals, lr: float, steps: int,
     return out
 
 
+def exact_sdf_floor(mesh, resolution: int) -> dict:
+    """Shape metrics of ``mesh`` re-meshed by marching cubes of its exact SDF on the sdf
+    plugin's ``resolution``³ lattice: the floor any SDF codec decoded there has."""
+    from mscn_datasets.meshes import grid_points, marching_cubes, signed_distance
+    from mscn_datasets.shape_metrics import mesh_metrics
+    from mscn_plugins.sdf import BOUND
+
+    lattice = grid_points(resolution, BOUND, centres=False)
+    sdf = signed_distance(mesh, lattice).reshape((resolution,) * 3)
+    return mesh_metrics(marching_cubes(sdf, 0.0, BOUND), mesh)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if v is None:

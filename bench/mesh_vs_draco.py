@@ -236,16 +236,9 @@ def draco_points(original, truth, qs) -> list[dict]:
 
 def mc_floor(truth, resolution: int) -> dict:
     """Marching cubes of the truth's exact SDF on the decoder's lattice."""
-    from mscn_datasets.meshes import grid_points, marching_cubes, signed_distance
-    from mscn_datasets.shape_metrics import mesh_metrics
-    from mscn_plugins.sdf import BOUND
-
     t0 = time.perf_counter()
-    lattice = grid_points(resolution, BOUND, centres=False)
-    sdf = signed_distance(truth.mesh, lattice).reshape((resolution,) * 3)
-    mesh = marching_cubes(sdf, 0.0, BOUND)
-    return {"resolution": resolution, "seconds": time.perf_counter() - t0,
-            **pick(mesh_metrics(mesh, truth.mesh))}
+    metrics = C.exact_sdf_floor(truth.mesh, resolution)
+    return {"resolution": resolution, "seconds": time.perf_counter() - t0, **pick(metrics)}
 
 
 def truth_vs_itself(truth) -> float:

@@ -239,15 +239,13 @@ class VoxelModality(Modality):
                  "iou": shape_metrics.volumetric_iou(rec, truth.occupancy)}
         out = mesh3d.render_voxel_comparison(truth.occupancy, rec, path, title=truth.name,
                                              stats=stats, overwrite=overwrite)
-        if animation is not None:
-            r = rec.shape[0]
-            mesh = meshes.marching_cubes(rec.astype(float), 0.5, 0.5 - 0.5 / r,
+        if animation is not None or _opts(options).interactive:
+            mesh = meshes.marching_cubes(rec.astype(float), 0.5, 0.5 - 0.5 / rec.shape[0],
                                          inside_negative=False)
-            mesh3d.turntable_gif(mesh, animation, overwrite=overwrite)
-        if _opts(options).interactive:
-            mesh3d.show_interactive([meshes.marching_cubes(rec.astype(float), 0.5,
-                                                           0.5 - 0.5 / rec.shape[0],
-                                                           inside_negative=False)])
+            if animation is not None:
+                mesh3d.turntable_gif(mesh, animation, overwrite=overwrite)
+            if _opts(options).interactive:
+                mesh3d.show_interactive([mesh])
         return out
 
 
