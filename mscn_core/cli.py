@@ -8,15 +8,24 @@ options become flags of the command, so ``mscn fit --checkpoint CKPT --help`` li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import inspect
 import json
+import os
 import random
 import re
+import signal
+import stat
 import sys
+import threading
+import traceback
 import types
 import typing
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # -- dataclass ⇄ argparse: every config field is a flag, defaults are the paper's --------
@@ -107,6 +116,195 @@ class ScratchConfig:
     coin_lr: float = 1e-4  # Adam learning rate
 
 
+# -- one error path: expected failures are one line and exit 2 -----------------------------
+
+
+class CommandError(ValueError):
+    """An expected failure already worded for the user (``<file>: <problem>``): exit 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT as an exception, so ``finally`` blocks (temp file removal) run.
+
+    A KeyboardInterrupt, not a SystemExit: plugin loading reports a plugin's SystemExit
+    as a broken plugin, and ``except Exception`` must not swallow a signal either.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """While inside: SIGTERM and SIGINT raise :class:`Interrupted` (once; repeats are
+    ignored so the cleanup they trigger is not itself cut short). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            if h is not None:
+                signal.signal(s, h)
+
+
+# Expected failures: bad input (ValueError: stream, checkpoint and plugin data errors),
+# I/O (OSError), an unknown or broken modality, a missing optional dependency.
+def _expected() -> tuple[type[BaseException], ...]:
+    from .registry import ModalityError
+
+    return (ValueError, OSError, ModalityError, ImportError)
+
+
+def describe_error(err: BaseException) -> str:
+    """``<file>: <problem>`` on one line (OSErrors carry the file in ``err.filename``)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        names = [os.fsdecode(err.filename)]
+        if err.filename2 is not None:
+            names.append(os.fsdecode(err.filename2))
+        text = f"{': '.join(names)}: {err.strerror or err}"
+    else:
+        text = str(err) or type(err).__name__
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
+def _stdout_closed() -> bool:
+    """Whether our stdout is a pipe whose reader went away (``mscn … | head``)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True  # cannot tell: assume it is stdout, the usual case
+
+
+def guarded(command: str | None, func: Callable[[], int | None], debug: bool = False) -> int:
+    """Run ``func`` the way every mscn command runs, and return its exit code.
+
+    Why: a user should see one line, never a traceback, for anything they can fix.
+    Expected failures (see ``_expected``): ``mscn CMD: error: <file>: <problem>``, exit 2;
+    anything else: ``mscn CMD: internal error: <Type>: <msg>``, exit 1; SIGINT/SIGTERM:
+    temp files removed, one line, exit 130/143. ``debug``: the traceback too.
+    A BrokenPipeError on stdout propagates (``entry.console`` exits quietly).
+    """
+    prefix = f"mscn {command}" if command else "mscn"
+    with signals_raise():
+        try:
+            return int(func() or 0)
+        except Interrupted as sig:
+            name = signal.Signals(sig.signum).name
+            print(f"{prefix}: interrupted ({name}); nothing written", file=sys.stderr)
+            return 128 + sig.signum
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted; nothing written", file=sys.stderr)
+            return 128 + signal.SIGINT
+        except BrokenPipeError as err:
+            if _stdout_closed():
+                raise
+            return _report(prefix, err, debug)
+        except Exception as err:  # noqa: BLE001 - the one place every failure is reported
+            return _report(prefix, err, debug)
+
+
+def _report(prefix: str, err: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(err)
+    if isinstance(err, _expected()):
+        print(f"{prefix}: error: {describe_error(err)}", file=sys.stderr)
+        return 2
+    hint = "" if debug else " (run with --debug for the traceback)"
+    print(f"{prefix}: internal error: {type(err).__name__}: {describe_error(err)}{hint}",
+          file=sys.stderr)
+    return 1
+
+
+@contextlib.contextmanager
+def _about(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Name ``path`` in a data error that does not name it already."""
+    try:
+        yield
+    except ValueError as err:
+        msg = str(err)
+        if str(path) in msg or Path(path).name in msg:
+            raise
+        raise CommandError(f"{path}: {msg}") from err
+
+
+def check_input(path: str | os.PathLike[str], folder_ok: bool = False) -> Path:
+    """Refuse an input that is missing, unreadable, or a folder where a file is needed.
+
+    Why: fail in the first second with the file named, not deep inside a reader.
+    ``folder_ok``: data arguments (a folder of items, or a store that is a folder).
+    """
+    path = Path(path)
+    if not path.exists():
+        why = ("a dangling symbolic link" if os.path.lexists(path)
+               else "no such file or directory")
+        raise FileNotFoundError(errno.ENOENT, why, str(path))
+    if path.is_dir():
+        if not folder_ok:
+            raise IsADirectoryError(errno.EISDIR, "is a directory; a file is needed here",
+                                    str(path))
+        try:
+            with os.scandir(path) as entries:
+                next(entries, None)
+        except OSError as err:
+            raise PermissionError(err.errno or errno.EACCES, "cannot read this folder "
+                                  f"({err.strerror})", str(path)) from err
+        return path
+    if stat.S_ISREG(path.stat().st_mode):  # not a FIFO or device: opening may block
+        if not os.access(path, os.R_OK):
+            raise PermissionError(errno.EACCES, "not readable (permission denied)", str(path))
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+    return path
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every file the command will write, checked before any work (one rule set)."""
+    from .atomic import check_output
+
+    for path in (getattr(args, "output", None), getattr(args, "gif", None)):
+        if path:
+            check_output(path, getattr(args, "overwrite", False))
+    log = getattr(args, "train.log_path", None)
+    if log:  # appended to, not replaced: existing is fine
+        check_output(log, overwrite=True)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every file the command will read, checked before any work."""
+    data = {"fit": ["file"], "encode": ["file"], "evaluate": ["files"],
+            "meta-train": ["data", "val_data"]}.get(args.command, [])
+    files = {"decode": ["file"], "inspect": ["file"]}.get(args.command, [])
+    if getattr(args, "checkpoint", None):
+        check_input(args.checkpoint)
+    for dest in files:
+        check_input(getattr(args, dest))
+    if args.command == "view":
+        for p in args.targets[-2:]:
+            check_input(p, folder_ok=True)
+    for dest in data:
+        value = getattr(args, dest, None) or []
+        for p in [value] if isinstance(value, str) else value:
+            check_input(p, folder_ok=True)
+
+
 # -- commands --------------------------------------------------------------------------
 
 OPTIONS = "opt"  # argparse dest prefix of the modality's own options
@@ -135,14 +333,40 @@ def cmd_modalities(args) -> int:
     return 0
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON object."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= size - 8
+
+
 def cmd_inspect(args) -> int:
+    """A checkpoint or an ``.mscn`` stream (told apart by the stream's magic bytes)."""
+    from .bitstream import MAGIC
+
+    path = Path(args.file)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:len(MAGIC)] == MAGIC:
+        return _inspect_stream(args)
+    if not _looks_like_safetensors(head, path.stat().st_size):
+        raise CommandError(f"{path}: neither an mscn checkpoint nor an .mscn stream (not a "
+                           "safetensors file, no MSCN magic)")
+    if args.checkpoint:
+        raise CommandError(f"{path} is a checkpoint; --checkpoint is for checking a stream "
+                           "against one")
+    return _inspect_checkpoint(args)
+
+
+def _inspect_checkpoint(args) -> int:
     from .checkpoint import load_checkpoint
 
-    ck = load_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.file)
     cfg = ck.config
     sparsity = ck.rep.describe_sparsity()
-    out = {"path": str(args.checkpoint), "sha256": ck.sha256, "format_version":
-           cfg["format_version"], "modality": ck.modality, "method": ck.rep.cfg.method,
+    out = {"path": str(args.file), "kind": "checkpoint", "sha256": ck.sha256,
+           "format_version": cfg["format_version"], "modality": ck.modality,
+           "method": ck.rep.cfg.method,
            "budget": ck.rep.cfg.budget, "architecture": cfg["siren"],
            "method_config": cfg["method_config"], "sparsity": sparsity,
            "modality_state": ck.modality_state, "info": ck.info,
@@ -151,7 +375,7 @@ def cmd_inspect(args) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
     a = cfg["siren"]
-    print(f"checkpoint  {args.checkpoint}  (sha256 {ck.sha256[:16]}…, "
+    print(f"checkpoint  {args.file}  (sha256 {ck.sha256[:16]}…, "
           f"format v{cfg['format_version']})")
     print(f"modality    {ck.modality}")
     print(f"method      {ck.rep.cfg.method}   budget {ck.rep.cfg.budget}   "
@@ -172,6 +396,76 @@ def cmd_inspect(args) -> int:
               f"fitted on {codec['fitted_on_items']} items")
     for k, v in ck.modality_state.items():
         print(f"{k:<11} {json.dumps(v)[:300]}")
+    return 0
+
+
+def _merged(common: dict, rest: dict) -> dict:
+    """An item's metadata: the stream's shared part with the item's own on top."""
+    out = dict(common)
+    for k, v in rest.items():
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _merged(out[k], v) if both else v
+    return out
+
+
+def _inspect_stream(args) -> int:
+    from .bitstream import read_bitstream
+
+    data = Path(args.file).read_bytes()
+    with _about(args.file):
+        stream = read_bitstream(data)
+    common = stream.extra.get("common")
+    common = common if isinstance(common, dict) else {}
+    items = []
+    for i, (meta, payload) in enumerate(zip(stream.items_meta, stream.payloads, strict=True)):
+        m = _merged(common, meta)
+        n = m.get("n_values")
+        label = next((m[k] for k in ("name", "label")
+                      if isinstance(m.get(k), str | int | float)), None)
+        items.append({"index": i, "payload_bytes": len(payload),
+                      "n_values": n if isinstance(n, int) and n > 0 else None,
+                      "label": label})
+    counts = [it["n_values"] for it in items]
+    n_values = sum(counts) if counts and None not in counts else None
+    out = {"path": str(args.file), "kind": "stream", "format_version": stream.version,
+           "modality": stream.modality, "bits": stream.bits, "n_items": stream.n_items,
+           "bytes": len(data), "payload_bytes": stream.payload_bytes,
+           "checkpoint_sha256": stream.checkpoint_hash, "n_values": n_values,
+           "bits_per_value": 8 * len(data) / n_values if n_values else None,
+           "payload_bits_per_value": 8 * stream.payload_bytes / n_values if n_values else None,
+           "items": items}
+    if args.checkpoint:
+        digest = hashlib.sha256()
+        with open(args.checkpoint, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        out["checkpoint"] = {"path": str(args.checkpoint), "sha256": digest.hexdigest(),
+                             "matches": digest.hexdigest() == stream.checkpoint_hash}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"stream      {args.file}  (format v{stream.version})")
+    print(f"modality    {stream.modality}")
+    print(f"bits        {stream.bits}")
+    print(f"items       {stream.n_items}")
+    print(f"size        {len(data)} bytes: {stream.payload_bytes} payload, "
+          f"{len(data) - stream.payload_bytes} header and checksum")
+    if n_values:
+        print(f"values      {n_values}: {out['bits_per_value']:.4g} bits per value "
+              f"({out['payload_bits_per_value']:.4g} for the payload alone)")
+    print(f"needs       checkpoint sha256 {stream.checkpoint_hash}")
+    if "checkpoint" in out:
+        ck = out["checkpoint"]
+        verdict = ("matches" if ck["matches"] else
+                   f"does NOT match (its sha256 is {ck['sha256'][:16]}…)")
+        print(f"checkpoint  {ck['path']} {verdict}")
+    shown = 20
+    for it in items[:shown]:
+        label = f"  {it['label']}" if it["label"] is not None else ""
+        values = f", {it['n_values']} values" if it["n_values"] else ""
+        print(f"item {it['index']:<6}{label}  {it['payload_bytes']} bytes{values}")
+    if len(items) > shown:
+        print(f"…           {len(items) - shown} more items (--json lists all)")
     return 0
 
 
@@ -196,9 +490,10 @@ def _read_items(modality, paths, options) -> list:
     items = []
     paths = expand_paths(modality, paths)
     for p in paths:
-        items += modality.read(p, options)
+        with _about(p):
+            items += modality.read(p, options)
     if not items:
-        raise SystemExit(f"error: no items found in {', '.join(map(str, paths))}")
+        raise CommandError(f"{', '.join(map(str, paths))}: no items found")
     return items
 
 
@@ -207,7 +502,6 @@ def cmd_meta_train(args) -> int:
     from .checkpoint import save_checkpoint
     from .pipeline import train_checkpoint
 
-    _refuse_existing(args)
     out = Path(args.output)
     modality, options = args.modality_obj, args.options
     items = _read_items(modality, args.data, options)
@@ -227,7 +521,8 @@ def cmd_meta_train(args) -> int:
             held = {modality.item_label(v) for v in val}
             train = [i for i in items if modality.item_label(i) not in held]  # never on val
         if not train:
-            raise SystemExit("error: every training item is also a validation item")
+            raise CommandError(f"{', '.join(map(str, args.data))}: every training item is "
+                               "also a validation item")
     else:
         order = list(range(len(items)))
         random.Random(args.seed_split).shuffle(order)
@@ -248,7 +543,7 @@ def cmd_meta_train(args) -> int:
         info["options"] = dataclasses.asdict(options)
     ck = train_checkpoint(modality, train, val, siren, method, tcfg, info=info,
                           options=options)
-    digest = save_checkpoint(ck, out, overwrite=True)
+    digest = save_checkpoint(ck, out, overwrite=args.overwrite)
     print(json.dumps({"checkpoint": str(out), "sha256": digest, **ck.info["train"],
                       "allocator": active_allocator()}, indent=2))
     return 0
@@ -273,13 +568,6 @@ def _fit(args, ck, modality, items):
     return signals, preds, metrics
 
 
-def _refuse_existing(args) -> None:
-    """Fail before any work if the output exists (the writers also refuse, atomically)."""
-    out = getattr(args, "output", None)
-    if out and Path(out).exists() and not getattr(args, "overwrite", False):
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-
-
 def _from_scratch(args, modality, items):
     """No checkpoint: a COIN-style network per item, fitted from scratch with Adam."""
     from .checkpoint import Checkpoint
@@ -302,7 +590,6 @@ def _from_scratch(args, modality, items):
 def _load(args):
     from .checkpoint import load_checkpoint
 
-    _refuse_existing(args)
     if args.checkpoint is None and args.command == "fit":
         return None, args.modality_obj
     if args.checkpoint is None:
@@ -322,11 +609,11 @@ def _summary(metrics: list[dict]) -> dict:
 
 
 def cmd_fit(args) -> int:
+    if args.checkpoint is None and args.bits:
+        raise CommandError("--bits needs a --checkpoint (its quantiser and entropy model)")
     ck, modality = _load(args)
     items = _read_items(modality, [args.file], args.options)
     if ck is None:
-        if args.bits:
-            raise ValueError("--bits needs a --checkpoint (its quantiser and entropy model)")
         ck = _from_scratch(args, modality, items)
     signals, preds, metrics = _fit(args, ck, modality, items)
     recon = [modality.reconstruct(s.meta, p, args.options, template=i)
@@ -380,7 +667,8 @@ def cmd_decode(args) -> int:
 
     ck, _ = _load(args)
     data = Path(args.file).read_bytes()
-    decoded = decode_stream(data, ck, args.options)
+    with _about(args.file):
+        decoded = decode_stream(data, ck, args.options)
     provenance = {"checkpoint_sha256": ck.sha256}
     if decoded.bits_per_value is not None:
         provenance["bits_per_value"] = decoded.bits_per_value
@@ -396,22 +684,22 @@ def cmd_decode(args) -> int:
 def cmd_view(args) -> int:
     from .modality import has_view
 
-    _refuse_existing(args)
     modality = args.modality_obj
     if not has_view(modality):
         raise ValueError(f"modality {modality.name!r} offers no viewer")
-    truth_path, recon_path = args.targets[-2:]
-    truth = _read_items(modality, [truth_path], args.options)
-    recon = _read_items(modality, [recon_path], args.options)
-    if not 0 <= args.index < len(truth):
-        raise SystemExit(f"error: --index {args.index} out of range (0..{len(truth) - 1})")
-    t = truth[args.index]
-    r = recon[args.index] if len(recon) == len(truth) else recon[0]
     extra = {}
     if args.gif:
         if "animation" not in inspect.signature(modality.view).parameters:
-            raise ValueError(f"the {modality.name!r} viewer makes no animations (--gif)")
+            raise CommandError(f"the {modality.name!r} viewer makes no animations (--gif)")
         extra["animation"] = args.gif
+    truth_path, recon_path = args.targets[-2:]
+    truth = _read_items(modality, [truth_path], args.options)
+    recon = _read_items(modality, [recon_path], args.options)
+    if not args.index < len(truth):
+        raise CommandError(f"{truth_path}: --index {args.index} out of range "
+                           f"(0..{len(truth) - 1})")
+    t = truth[args.index]
+    r = recon[args.index] if len(recon) == len(truth) else recon[0]
     print(modality.view(t, r, args.output, args.options, overwrite=args.overwrite, **extra))
     return 0
 
@@ -422,10 +710,36 @@ _VALUE_FLAGS = ("-o", "--output", "--gif", "--index")
 MODALITY_COMMANDS = ("meta-train", "fit", "evaluate", "encode", "decode", "view")
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """Parse-time check: a count that must be at least 1 (threads, points per step)."""
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    """Parse-time check: steps and indices (``--steps -5`` used to act as 0)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _bits(text: str) -> int:
+    """Parse-time check: the quantiser bit depths a stream can hold."""
+    from .bitstream import MAX_BITS, MIN_BITS
+
+    value = _int(text)
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"must be {MIN_BITS}..{MAX_BITS}, got {value}")
     return value
 
 
@@ -459,6 +773,7 @@ def resolve_modality(argv: list[str]):
     command, flags, positionals = _scan(argv)
     if command not in MODALITY_COMMANDS:
         return None
+    asks_help = "-h" in argv or "--help" in argv
     name = flags.get("--modality")
     if name is None and command == "view" and len(positionals) >= 3:
         name = view_modality(positionals[0])
@@ -467,9 +782,10 @@ def resolve_modality(argv: list[str]):
 
             raise ModalityError(f"no installed modality offers a viewer called "
                                 f"{positionals[0]!r}")
-    if name is None and "--checkpoint" in flags and Path(flags["--checkpoint"]).is_file():
+    if name is None and "--checkpoint" in flags and not asks_help:
         from .checkpoint import CheckpointError, read_config
 
+        check_input(flags["--checkpoint"])  # missing or unreadable: say so, not "modality"
         try:
             name = read_config(flags["--checkpoint"])["modality"]
         except CheckpointError:
@@ -478,8 +794,9 @@ def resolve_modality(argv: list[str]):
         path = flags.get("--data") or (positionals[-2] if command == "view" and
                                        len(positionals) >= 2 else
                                        positionals[0] if positionals else None)
-        if path is None or not Path(path).exists():
+        if path is None or (asks_help and not Path(path).exists()):
             return None
+        check_input(path, folder_ok=True)  # missing or unreadable: say so before guessing
         name = guess_modality(path)
     return get_modality(name)
 
@@ -493,6 +810,9 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
         prog="mscn", description="Meta-Learning Sparse Compression Networks: meta-learn a "
         "shared SIREN, represent each signal by a few hundred sparse modulations, write "
         "them to a real bitstream and decode them back.")
+    p.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of a "
+                   "failure (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     hint = ("the modality's own options are listed once the "
             "modality is known: add --modality NAME or --checkpoint CKPT to --help")
@@ -501,8 +821,11 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_modalities)
 
-    s = sub.add_parser("inspect", help="print a checkpoint's config, method, budget and gates")
-    s.add_argument("checkpoint")
+    s = sub.add_parser("inspect", help="print a checkpoint's config, method, budget and "
+                       "gates, or an .mscn stream's header")
+    s.add_argument("file", metavar="FILE", help="a checkpoint or an .mscn stream")
+    s.add_argument("--checkpoint", metavar="CKPT",
+                   help="for a stream: say whether it was encoded with this checkpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_inspect)
 
@@ -552,10 +875,11 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
 
     def fit_flags(s):
         s.add_argument("--checkpoint", required=True)
-        s.add_argument("--steps", type=int, default=None,
+        s.add_argument("--steps", type=_nonnegative_int, default=None,
                        help="inner steps (default: the checkpoint's, 3)")
-        s.add_argument("--bits", type=int, default=None,
-                       help="quantise modulations to this many bits, as the bitstream would")
+        s.add_argument("--bits", type=_bits, default=None,
+                       help="quantise modulations to this many bits (2..8), as the bitstream "
+                       "would")
         budget_flag(s)
 
     s = sub.add_parser("fit", help="represent every item of a file; write the reconstruction "
@@ -583,7 +907,7 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s = sub.add_parser("encode", help="compress a file into an .mscn bitstream", epilog=hint)
     s.add_argument("file")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--bits", type=int, default=6, help="quantisation bits 2..8 (default 6)")
+    s.add_argument("--bits", type=_bits, default=6, help="quantisation bits 2..8 (default 6)")
     budget_flag(s)
     out_flags(s)
     modality_flags(s)
@@ -602,7 +926,8 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s.add_argument("targets", nargs="+", metavar="[VIEWER] TRUTH RECON",
                    help="optional viewer or modality name, the original file "
                    "and the reconstruction (from mscn fit or decode)")
-    s.add_argument("--index", type=int, default=0, help="which item of the files to show")
+    s.add_argument("--index", type=_nonnegative_int, default=0,
+                   help="which item of the files to show (from 0)")
     s.add_argument("--gif", default=None,
                    help="also write an animation here, when the viewer makes one")
     out_flags(s)
@@ -616,50 +941,63 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"mscn: warning: {message}", file=sys.stderr if file is None else file)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: read from the installed metadata only when asked (keeps --help fast)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """``mscn <version> (torch <version>)``, without importing torch."""
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"mscn {version('mscn')} (torch {version('torch')})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``mscn`` command; returns its exit code (0 ok, 1 internal error, 2 bad input or
+    usage, 128+N killed by signal N). ``--debug`` anywhere: tracebacks for failures."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     warnings.showwarning = _one_line_warning
     command = _scan(argv)[0]
-    modality = None
-    if command in MODALITY_COMMANDS:
-        from .registry import ModalityError
+    return guarded(command, lambda: _run(argv, command), debug=debug)
 
-        try:
-            modality = resolve_modality(argv)
-        except ModalityError as err:
-            print(f"mscn {command}: error: {err}", file=sys.stderr)
-            return 2
+
+def _run(argv: list[str], command: str | None) -> int:
+    modality = resolve_modality(argv) if command in MODALITY_COMMANDS else None
     args = build_parser(modality, light=command is None).parse_args(argv)
-    from .bitstream import BitstreamError
-    from .checkpoint import CheckpointError
-    from .registry import ModalityError
-
     if args.command in MODALITY_COMMANDS:
         if modality is None:
             need = {"meta-train": "--modality", "view": "--modality",
                     "fit": "--checkpoint or --modality"}.get(args.command, "--checkpoint")
-            print(f"mscn {args.command}: error: cannot tell the modality; pass {need}",
-                  file=sys.stderr)
-            return 2
+            raise CommandError(f"cannot tell the modality; pass {need}")
         args.modality_obj = modality
         opts = getattr(modality, "options", None)
         args.options = (config_from_args(args, opts, OPTIONS)
                         if isinstance(opts, type) and dataclasses.is_dataclass(opts) else None)
         if args.command == "view" and len(args.targets) not in (2, 3):
-            print("mscn view: error: give TRUTH RECON, optionally after a viewer name",
-                  file=sys.stderr)
-            return 2
+            raise CommandError("give TRUTH RECON, optionally after a viewer name")
+    _check_outputs(args)  # before any work: a refusal after the compute loses the run
+    _check_inputs(args)
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
-    known = (BitstreamError, CheckpointError, ModalityError, FileExistsError,
-             FileNotFoundError, ValueError)
-    try:
-        return int(args.func(args) or 0)
-    except known as err:
-        print(f"mscn {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
