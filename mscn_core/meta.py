@@ -24,6 +24,11 @@ from .methods import Coin, Representation
 from .signals import Batch, Signal, full_batches, sample_batch
 
 
+class DivergedError(ValueError):
+    """Meta-training kept diverging after every rollback: a setting the user can change
+    (the outer learning rate), so the CLI reports it in one line."""
+
+
 def item_losses(rep: Representation, modality, state: dict[str, Tensor],
                 ctx: dict[str, Tensor], batch: Batch) -> Tensor:
     """Per-item losses ``(B,)``: the modality's objective of the items' adapted fields."""
@@ -257,7 +262,7 @@ def meta_train(rep: Representation, train: Sequence[Signal], val: Sequence[Signa
             ema.shadow = copy.deepcopy(best["state"])
         log({"step": step, "event": "rollback", "reason": reason, "new_lr": lr})
         if rollbacks > cfg.max_rollbacks:
-            raise RuntimeError(f"meta-training diverged {rollbacks} times ({reason}); "
+            raise DivergedError(f"meta-training diverged {rollbacks} times ({reason}); "
                                f"last rate {lr:g}. Lower --outer-lr.")
 
     step = 0

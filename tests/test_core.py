@@ -37,6 +37,7 @@ from mscn_core.gates import (
     sample_gates,
 )
 from mscn_core.meta import (
+    DivergedError,
     TrainConfig,
     adapt,
     evaluate_loss,
@@ -508,7 +509,7 @@ def test_absurd_outer_rate_rolls_back_instead_of_ending_in_nan(max_rollbacks, st
     events = []
     try:
         res = meta_train(rep, train, val, cfg, POINTWISE, on_log=events.append)
-    except RuntimeError as err:  # halving 10 three times is not enough: a clear error
+    except DivergedError as err:  # halving 10 three times is not enough: a clear error
         assert "diverged" in str(err) and "outer-lr" in str(err)
         assert max_rollbacks == 3
     else:  # with enough halvings the rate becomes usable and training goes on
