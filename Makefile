@@ -13,7 +13,7 @@ MESH  := datasets/data/meshes/bunny00.ply
 SDF   := plugins/checkpoints/shapes_sdf.safetensors
 VOX   := plugins/checkpoints/shapes_voxel.safetensors
 
-.PHONY: test demo setup checkpoint shape-checkpoints clean
+.PHONY: test demo setup checkpoint shape-checkpoints fuzz clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	./scripts/setup.sh
@@ -24,6 +24,10 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The structural fuzzer for 10 minutes (make test runs it for 45 s); report in out/fuzz.json.
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzzing.py --seconds $${FUZZ_SECONDS:-600} --report out/fuzz.json
 
 demo: $(STAMP)
 	mkdir -p $(OUT)

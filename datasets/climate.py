@@ -47,6 +47,7 @@ __all__ = [
     "open_climate",
     "parse_sel",
     "regular_latlon",
+    "regular_latlon_shape",
     "restore_layout",
     "select_fields",
     "stack_fields",
@@ -416,7 +417,12 @@ def field_items(
     out: list[xr.DataArray] = []
     for path in paths:
         with open_climate(path) as ds:
-            da = select_fields(ds, var=var, sel=sel).load()
+            da = select_fields(ds, var=var, sel=sel)
+            try:  # load now: a damaged file fails here, before any expensive work
+                da = da.load()
+            except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
+                raise ClimateDataError(f"{path}: cannot read variable {da.name}: {err} "
+                                       "(corrupted file?)") from None
             out.extend(iter_fields(da))
     return out
 
@@ -596,22 +602,37 @@ def restore_layout(values: np.ndarray, template_field2d: xr.DataArray) -> xr.Dat
 # --------------------------------------------------------------------------------------
 
 
+def regular_latlon_shape(resolution_deg: float) -> tuple[int, int]:
+    """``(nlat, nlon)`` of :func:`regular_latlon` without building it.
+
+    Why: a decoder checks how large an output grid is before allocating it.
+    """
+    try:
+        r = float(resolution_deg)
+    except (TypeError, ValueError):
+        raise ClimateDataError(f"resolution must be a number of degrees, got "
+                               f"{resolution_deg!r}") from None
+    if not np.isfinite(r) or r <= 0:
+        raise ClimateDataError(f"resolution must be > 0 degrees, got {resolution_deg!r}")
+    nlat_f, nlon_f = 180.0 / r, 360.0 / r
+    if not np.isfinite(nlon_f):
+        raise ClimateDataError(f"resolution {r:g} degrees is too small")
+    nlat, nlon = round(nlat_f), round(nlon_f)
+    if abs(nlat - nlat_f) > 1e-6 * max(1.0, nlat_f) or abs(nlon - nlon_f) > 1e-6 * max(
+        1.0, nlon_f
+    ):
+        raise ClimateDataError(f"resolution {r:g} does not divide 180 degrees evenly")
+    return nlat + 1, nlon
+
+
 def regular_latlon(resolution_deg: float) -> tuple[np.ndarray, np.ndarray]:
     """Global grid at ``resolution_deg``: lat -90..90 inclusive, lon 0..360-res.
 
     Why: the implicit neural representation can be evaluated at any resolution;
     this is the canonical target grid for such reconstructions.
     """
-    r = float(resolution_deg)
-    if not np.isfinite(r) or r <= 0:
-        raise ClimateDataError(f"resolution must be > 0 degrees, got {resolution_deg!r}")
-    nlat_f, nlon_f = 180.0 / r, 360.0 / r
-    nlat, nlon = round(nlat_f), round(nlon_f)
-    if abs(nlat - nlat_f) > 1e-6 * max(1.0, nlat_f) or abs(nlon - nlon_f) > 1e-6 * max(
-        1.0, nlon_f
-    ):
-        raise ClimateDataError(f"resolution {r:g} does not divide 180 degrees evenly")
-    lat = np.linspace(-90.0, 90.0, nlat + 1)
+    nlat, nlon = regular_latlon_shape(resolution_deg)
+    lat = np.linspace(-90.0, 90.0, nlat)
     lon = np.arange(nlon, dtype=np.float64) * (360.0 / nlon)
     return lat, lon
 

@@ -36,10 +36,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import trimesh
@@ -79,6 +81,15 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _finite_number(x: Any) -> bool:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool | np.bool_):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 @dataclass
 class Frame:
     """Maps the unit frame to the file's coordinates: ``original = unit * scale + center``."""
@@ -100,8 +111,19 @@ class Frame:
         return {"center": [float(c) for c in self.center], "scale": float(self.scale)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Frame:
-        return cls(center=np.asarray(d["center"], dtype=np.float64), scale=float(d["scale"]))
+    def from_dict(cls, d: Any) -> Frame:
+        """Inverse of :meth:`as_dict`, checked (it comes from streams and files): a centre of
+        3 finite numbers and a positive finite scale, else ValueError."""
+        if not isinstance(d, dict) or "center" not in d or "scale" not in d:
+            raise ValueError(f"frame must be an object with center and scale, got "
+                             f"{type(d).__name__}")
+        c, s = d["center"], d["scale"]
+        if not isinstance(c, list | tuple | np.ndarray) or len(c) != 3 \
+                or not all(_finite_number(x) for x in c):
+            raise ValueError("frame center must be 3 finite numbers")
+        if not _finite_number(s) or not float(s) > 0:
+            raise ValueError(f"frame scale must be a positive finite number, got {s!r:.40}")
+        return cls(center=np.asarray(c, dtype=np.float64), scale=float(s))
 
     @classmethod
     def identity(cls) -> Frame:

@@ -1,6 +1,7 @@
 """The ``.mscn`` bitstream container (DESIGN §6).
 
-Pure stdlib (+ numpy only to serialise numpy scalars/arrays found in metadata).
+Stdlib, plus numpy (to serialise numpy scalars/arrays found in metadata) and msgspec (the
+declared schema of the header).
 
 Layout (all integers little-endian)::
 
@@ -19,25 +20,51 @@ Header JSON (compact, sorted keys)::
      "extra": {...}}
 
 ``items`` are arbitrary JSON-serialisable dicts a plugin needs to rebuild each
-artifact (its own business; the core never reads them). numpy scalars/arrays are converted to Python
-numbers/lists on write. Non-finite floats are written as the (non-standard, but read by
-Python's ``json``) tokens ``NaN``/``Infinity`` so non-finite metadata values survive.
+artifact (its own business; the core reads only ``n_values``). numpy scalars/arrays are
+converted to Python numbers/lists on write. Non-finite floats are written as the
+(non-standard, but read by Python's ``json``) tokens ``NaN``/``Infinity`` so non-finite
+metadata values survive (which is why the header is parsed by ``json`` and then checked
+against the schema with ``msgspec.convert``: msgspec's own parser refuses those tokens).
 
 The header is zlib-compressed because at ≤ 0.05 bits/value the item metadata
 would otherwise cost more than the modulations themselves.
 
-Checksum choice: CRC-32 (4 bytes). The container targets ≤ 0.05 bits/value where every
-byte of overhead counts, and the threat model is accidental damage (truncated downloads,
-bit rot, wrong file), not an adversary: CRC-32 detects every error burst of ≤ 32 bits
-(so every single flipped bit) and misses random damage with probability 2**-32. The
-checkpoint itself is identified by its full sha256 in the header.
+Threat model. A stream is something people download and decode, so the reader assumes
+a *forger*, not only damage: someone who writes any header and payload bytes they like
+and recomputes the CRC-32 (which therefore proves nothing about intent; it catches
+accidental damage: every burst of <= 32 flipped bits, other damage with probability
+1 - 2**-32). The checkpoint is identified by its full sha256 in the header, but the
+header is as forgeable as the rest. What a forger can make the reader do is bounded:
 
-Reading order: magic -> version -> header_len bound -> checksum -> (only now) JSON ->
-field validation -> payload lengths -> expected checkpoint. After a checksum failure only, the
-(unverified) header is peeked at to tell "truncated: expected X bytes, got Y" apart from
-"checksum mismatch"; nothing from it is trusted or returned. Nothing is allocated from an
-unverified length: lengths are compared with ``len(data)`` before slicing, and slicing
-only copies bytes that exist.
+- *Lengths* (``header_len``, ``payload_lengths``) are compared with ``len(data)`` before
+  slicing; slicing only copies bytes that exist.
+- *The header* inflates to at most :func:`header_bound` bytes: ``HEADER_RATIO`` (64) times
+  the stream's compressed content (header + payloads), never less than ``HEADER_FLOOR``
+  (1 MiB) and never more than ``HEADER_MAX`` (16 MiB). Measured on real streams of the
+  shipped plugins (1-132 items, and up to 12,000 items of a regular time series, the most
+  compressible metadata seen): a header inflates 1.4-38x its own compressed size (so
+  that is not the base), but at most 2.4x the stream's content at 6 bits and 5.2x at 2
+  bits (payloads of 8-28 bytes; 10x if every payload were the smallest seen), so the
+  ratio has a margin of 6x or more; many-item streams carry 112-175 bytes of metadata
+  per item (16 MiB: ~100k items). A zlib bomb stops at the cap, and the JSON parser
+  (whose objects cost at most ~30 bytes of memory per byte of text, measured on
+  worst-case texts) never sees more than 64x the file or 16 MiB.
+- *The schema* is declared (:class:`Header`, checked with ``msgspec``): a field of the
+  wrong type or out of range is one line naming it (``$.bits``), never a traceback.
+- *Item metadata* is the plugin's business: before decoding any payload, the core
+  (:func:`mscn_core.pipeline.decode_stream`) requires every payload to be long enough to
+  hold a code (so ``n_items`` is bounded by the payload bytes), asks the plugin's
+  ``check_meta`` to validate each item cheaply and to say how many values it will
+  produce, and refuses a stream whose total exceeds
+  :func:`mscn_core.limits.max_output_values` (environment variable
+  ``MSCN_MAX_OUTPUT_VALUES``). Nested blobs (masks) inflate through
+  :func:`mscn_core.limits.inflate` with the exact size the declared shape allows.
+
+Reading order: magic -> version -> header_len bound -> checksum -> (only now) bounded
+inflate -> JSON -> schema -> payload lengths -> expected checkpoint. After a checksum
+failure only, the (unverified) header is peeked at, under the same bounds, to tell
+"truncated: expected X bytes, got Y" apart from "checksum mismatch"; nothing from it is
+trusted or returned.
 """
 
 from __future__ import annotations
@@ -47,11 +74,13 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 
 from .atomic import save_bytes_atomic  # noqa: F401 - re-exported
+from .limits import inflate, one_line
 
 __all__ = [
     "MAGIC",
@@ -59,6 +88,8 @@ __all__ = [
     "CHECKSUM_LEN",
     "BitstreamError",
     "Bitstream",
+    "Header",
+    "header_bound",
     "write_bitstream",
     "read_bitstream",
     "save_bytes_atomic",
@@ -73,6 +104,33 @@ _PREFIX = struct.Struct("<4sHI")  # magic, version, header_len
 PREFIX_LEN = _PREFIX.size  # 10
 MIN_BITS, MAX_BITS = 2, 8
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+MAX_NAME = 128  # characters of a modality name (a forged one ends up in error messages)
+
+# Inflated-header bound (see the module docstring for the measurements behind it).
+HEADER_RATIO = 64  # inflated header / (compressed header + payloads); real streams <= 5.2
+HEADER_FLOOR = 1 << 20  # any stream may carry 1 MiB of header (one-item headers: 0.9-2.6 KB)
+HEADER_MAX = 16 << 20  # never more (~100k items at a measured 112-175 bytes each)
+
+
+def header_bound(content_len: int) -> int:
+    """Most bytes the header of a stream may inflate to, from the length of its
+    compressed content (compressed header + payloads: all but prefix and checksum)."""
+    return min(HEADER_MAX, max(HEADER_FLOOR, HEADER_RATIO * content_len))
+
+
+class Header(msgspec.Struct):
+    """The declared schema of the header JSON (unknown fields are ignored: a later
+    writer may add some). ``items`` must be a list of objects: checked separately,
+    because converting them as ``dict`` would copy every item (200 MB per million)."""
+
+    checkpoint_hash: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    modality: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+    bits: Annotated[int, msgspec.Meta(ge=MIN_BITS, le=MAX_BITS)]
+    n_items: Annotated[int, msgspec.Meta(ge=0)]
+    items: list[Any]
+    payload_lengths: list[Annotated[int, msgspec.Meta(ge=0)]]
+    extra: dict[str, Any] = {}
 
 
 class BitstreamError(ValueError):
@@ -192,8 +250,8 @@ def _short(h: str) -> str:
 
 def read_bitstream(data: bytes, *, expected_checkpoint_hash: str | None = None) -> Bitstream:
     """Parse and verify a ``.mscn`` stream; raise :class:`BitstreamError` on any problem."""
-    try:
-        buf = bytes(memoryview(data).cast("B"))
+    try:  # bytes are used as they are: a copy of a large stream would double its memory
+        buf = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
     except TypeError as exc:
         raise TypeError(f"data must be bytes-like, got {type(data).__name__}") from exc
     expected = None
@@ -229,8 +287,9 @@ def read_bitstream(data: bytes, *, expected_checkpoint_hash: str | None = None) 
             raise BitstreamError(f"truncated: expected {declared} bytes, got {n}")
         raise BitstreamError("checksum mismatch: file is corrupted")
 
-    # 5. header JSON (now known to be what the writer wrote)
-    header = _parse_header(buf[PREFIX_LEN : PREFIX_LEN + header_len])
+    # 5. header JSON (now known to be what the writer wrote), inflated within bounds
+    header = _parse_header(buf[PREFIX_LEN : PREFIX_LEN + header_len],
+                           header_bound(n - PREFIX_LEN - CHECKSUM_LEN))
     ck = header["checkpoint_hash"]
 
     # 6. payload lengths
@@ -269,7 +328,9 @@ def _declared_total(buf: bytes, header_len: int) -> int | None:
     """Best-effort diagnosis after a checksum failure: the total length the (unverified)
     header declares. Only used to choose between "truncated" and "corrupted" messages."""
     try:
-        h = json.loads(_inflate(buf[PREFIX_LEN : PREFIX_LEN + header_len]).decode("utf-8"))
+        raw = buf[PREFIX_LEN : PREFIX_LEN + header_len]
+        bound = header_bound(len(buf) - PREFIX_LEN - CHECKSUM_LEN)
+        h = json.loads(inflate(raw, bound, "header").decode("utf-8"))
         lengths = h["payload_lengths"]
         if not isinstance(lengths, list) or not all(_is_count(x) for x in lengths):
             return None
@@ -278,59 +339,53 @@ def _declared_total(buf: bytes, header_len: int) -> int | None:
         return None
 
 
-_MAX_HEADER = 64 << 20  # inflated header bound: a forged stream cannot bomb memory
+_REQUIRED = ("checkpoint_hash", "modality", "bits", "n_items", "items", "payload_lengths")
 
 
-def _inflate(raw: bytes) -> bytes:
-    d = zlib.decompressobj()
-    out = d.decompress(raw, _MAX_HEADER)
-    if d.unconsumed_tail or not d.eof:
-        raise ValueError("header does not inflate to a complete JSON document within bounds")
-    return out
-
-
-def _parse_header(raw: bytes) -> dict[str, Any]:
+def _parse_header(raw: bytes, bound: int) -> dict[str, Any]:
     try:
-        text = _inflate(raw)
-    except (zlib.error, ValueError) as exc:
-        raise BitstreamError(f"malformed header: not zlib-compressed JSON ({exc})") from exc
+        text = inflate(raw, bound, "header")
+    except ValueError as exc:
+        if "inflates beyond" in str(exc):
+            raise BitstreamError(
+                f"malformed header: it inflates beyond {bound:,} bytes (the bound for "
+                f"this stream: {HEADER_RATIO}x its size, at least {HEADER_FLOOR >> 20} MiB, "
+                f"at most {HEADER_MAX >> 20} MiB)"
+            ) from None
+        raise BitstreamError(f"malformed header: not zlib-compressed JSON ({exc})") from None
     try:
         header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BitstreamError(f"malformed header JSON: {exc}") from exc
+        raise BitstreamError(f"malformed header JSON: {one_line(exc)}") from None
     if not isinstance(header, dict):
         raise BitstreamError("malformed header JSON: top level is not an object")
-    missing = [
-        k
-        for k in ("checkpoint_hash", "modality", "bits", "n_items", "items", "payload_lengths")
-        if k not in header
-    ]
+    missing = [k for k in _REQUIRED if k not in header]
     if missing:
         raise BitstreamError(f"malformed header JSON: missing field(s) {', '.join(missing)}")
-    ck = header["checkpoint_hash"]
-    if not isinstance(ck, str) or not _HASH_RE.fullmatch(ck):
-        raise BitstreamError("malformed header JSON: checkpoint_hash is not a sha256 hex digest")
-    if not isinstance(header["modality"], str) or not header["modality"]:
-        raise BitstreamError("malformed header JSON: modality must be a non-empty string")
-    b = header["bits"]
-    if not _is_count(b) or not MIN_BITS <= b <= MAX_BITS:
-        raise BitstreamError(f"malformed header JSON: bits must be in [{MIN_BITS}, {MAX_BITS}]")
-    items, lengths, n_items = header["items"], header["payload_lengths"], header["n_items"]
-    if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
-        raise BitstreamError("malformed header JSON: items must be a list of objects")
-    if not isinstance(lengths, list) or not all(_is_count(x) for x in lengths):
+    try:
+        h = msgspec.convert(header, type=Header)
+    except msgspec.ValidationError as exc:
+        where = "payload lengths inconsistent" if any(
+            f"`$.{k}" in str(exc) for k in ("payload_lengths", "n_items")) else \
+            "malformed header JSON"
+        raise BitstreamError(f"{where}: {one_line(exc)}") from None
+    for i, m in enumerate(h.items):
+        if not isinstance(m, dict):
+            raise BitstreamError(f"malformed header JSON: Expected `object`, got "
+                                 f"`{_json_type(m)}` - at `$.items[{i}]`")
+    if not (h.n_items == len(h.items) == len(h.payload_lengths)):
         raise BitstreamError(
-            "payload lengths inconsistent: payload_lengths must be a list of non-negative ints"
+            f"payload lengths inconsistent: n_items={h.n_items}, {len(h.items)} item metadata "
+            f"entries, {len(h.payload_lengths)} payload lengths"
         )
-    if not _is_count(n_items) or not (n_items == len(items) == len(lengths)):
-        raise BitstreamError(
-            f"payload lengths inconsistent: n_items={n_items!r}, {len(items)} item metadata "
-            f"entries, {len(lengths)} payload lengths"
-        )
-    extra = header.setdefault("extra", {})
-    if not isinstance(extra, dict):
-        raise BitstreamError("malformed header JSON: extra must be an object")
+    header.update(items=h.items, extra=h.extra)
     return header
+
+
+def _json_type(x: Any) -> str:
+    names = {bool: "bool", int: "int", float: "float", str: "str", list: "array",
+             type(None): "null"}
+    return names.get(type(x), type(x).__name__)
 
 
 def bits_per_value(n_bytes: int, n_values: int) -> float:

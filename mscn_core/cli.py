@@ -782,7 +782,8 @@ def resolve_modality(argv: list[str]):
 
             raise ModalityError(f"no installed modality offers a viewer called "
                                 f"{positionals[0]!r}")
-    if name is None and "--checkpoint" in flags and not asks_help:
+    if name is None and "--checkpoint" in flags and not (
+            asks_help and not Path(flags["--checkpoint"]).is_file()):
         from .checkpoint import CheckpointError, read_config
 
         check_input(flags["--checkpoint"])  # missing or unreadable: say so, not "modality"

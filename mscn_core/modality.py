@@ -7,7 +7,8 @@ the same rendering then serves the inner loop, the outer loop, evaluation and de
 
 Required: ``name``, ``description``, ``in_dim``, ``out_dim``, :meth:`read`,
 :meth:`to_signal`, :meth:`metrics`, :meth:`reconstruct`, :meth:`save`.
-Optional: everything else, including ``view`` (absent = no viewer).
+Optional: everything else, including ``view`` (absent = no viewer) and
+:meth:`Modality.check_meta` (validate a stream's item metadata before decoding).
 
 Vocabulary
 ----------
@@ -43,7 +44,7 @@ PredictFn = Callable[[Tensor], Tensor]  # one item's coords (N, k) -> prediction
 REQUIRED_ATTRIBUTES = ("name", "description", "in_dim", "out_dim")
 REQUIRED_METHODS = ("read", "to_signal", "metrics", "reconstruct", "save")
 OPTIONAL_METHODS = ("guess_can_open", "fit_state", "state", "load_state", "item_template",
-                    "item_label", "sample", "render", "objective", "n_values")
+                    "item_label", "sample", "render", "objective", "n_values", "check_meta")
 
 
 def masked_mse(pred: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
@@ -162,6 +163,22 @@ class Modality:
         there is. ``options`` may ask for another resolution.
         """
         raise NotImplementedError
+
+    def check_meta(self, meta: dict, options: Any = None) -> int:
+        """Validate one item's stream metadata cheaply; return how many values
+        :meth:`reconstruct` will produce from it with these ``options``.
+
+        ``meta`` is what ``reconstruct`` receives when decoding (``template=None``): it
+        comes from a stream, which anyone can forge with a valid checksum. The core calls
+        this for every item *before* decoding anything and refuses streams whose total
+        is above :func:`mscn_core.limits.max_output_values`, so an override must not
+        allocate the output (nor anything sized by an unchecked number) and should raise
+        ``ValueError`` naming the problem. Default: ``meta["n_values"]`` (0 if absent),
+        which counts the encoded signal, not necessarily the output.
+        """
+        from .limits import check_count
+
+        return check_count(meta.get("n_values", 0), "n_values", 0)
 
     def save(self, artifacts: list[Any], path: str | os.PathLike, overwrite: bool = False,
              provenance: dict | None = None) -> Any:

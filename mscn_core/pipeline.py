@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 from . import bitstream as bs
+from . import limits
 from .checkpoint import Checkpoint
 from .entropy import CategoricalModel, decode_symbols, encode_symbols, fit_categorical
 from .meta import TrainConfig, adapt, meta_train
 from .methods import MethodConfig, build_representation
+from .modality import with_defaults
 from .quantize import QuantizerStats, UniformQuantizer, fit_stats
 from .registry import get_modality
 from .signals import Batch, Signal, full_batches, sample_batch
@@ -235,24 +237,76 @@ def decode_stream(data: bytes, ck: Checkpoint, options: Any = None,
 
     ``modality``: a plugin object to use instead of the installed one of that name
     (a plugin under development); it must carry the stream's modality name.
+
+    The stream may be forged (see :mod:`mscn_core.bitstream`): every item's metadata is
+    checked by the plugin's ``check_meta`` and the total output is compared with
+    :func:`mscn_core.limits.max_output_values` before any payload is decoded.
     """
     stream = bs.read_bitstream(data, expected_checkpoint_hash=ck.sha256)
     if modality is None:
         modality = get_modality(stream.modality)
     elif modality.name != stream.modality:
         raise ValueError(f"the stream holds {stream.modality!r} items, not {modality.name!r}")
+    else:
+        modality = with_defaults(modality)  # a duck-typed plugin gets check_meta's default
     modality.load_state(ck.modality_state)
-    common = stream.extra.get("common", {})
     q, model = quantizer(ck, stream.bits)
     n_code = ck.rep.code_size()
-    artifacts, n_values = [], 0
+    n_values = check_items(stream, modality, n_code, options)
+    common = stream.extra.get("common", {})
+    artifacts = []
     for i, payload in enumerate(stream.payloads):
-        symbols = decode_symbols(payload, n_code, model)
+        meta = merge_common(common, stream.items_meta[i])  # per item: never all at once
+        try:
+            symbols = decode_symbols(payload, n_code, model)
+        except ValueError as err:
+            raise bs.BitstreamError(f"item {i}: {limits.one_line(err)}") from None
         code = torch.from_numpy(q.dequantize(symbols[None])).float()[0]
-        meta = merge_common(common, stream.items_meta[i])
-        n_values += int(meta.get("n_values", 0))  # 0: a stream from before contract v2
         artifacts.append(modality.reconstruct(meta, predictor(ck, modality, code), options))
     return Decoded(modality, artifacts, stream, len(data), n_values)
+
+
+# constriction's range coder emits at least one 32-bit word for >= 1 symbol
+MIN_PAYLOAD_BYTES = 4
+
+
+def check_items(stream: bs.Bitstream, modality: Any, n_code: int, options: Any = None
+                ) -> int:
+    """The stream's total ``n_values``, after checking every item for what a forged
+    stream could abuse (raises :class:`~mscn_core.bitstream.BitstreamError`).
+
+    In order, so that nothing is sized by an unchecked number: payload lengths (each
+    item needs ``MIN_PAYLOAD_BYTES``, so the item count is bounded by the payload bytes),
+    then per item ``n_values`` and the plugin's ``check_meta``, and the running total of
+    output values against :func:`mscn_core.limits.max_output_values`.
+    """
+    need = MIN_PAYLOAD_BYTES if n_code > 0 else 0
+    for i, payload in enumerate(stream.payloads):
+        if len(payload) < need or len(payload) % 4:
+            raise bs.BitstreamError(f"item {i}: a payload of {len(payload)} bytes cannot hold "
+                                    f"{n_code} coded values")
+    common = stream.extra.get("common", {})
+    if not isinstance(common, dict):
+        raise bs.BitstreamError("malformed header JSON: extra.common must be an object")
+    limit = limits.max_output_values()
+    n_values = total = 0
+    for i, rest in enumerate(stream.items_meta):
+        try:
+            meta = merge_common(common, rest)
+            n_values += limits.check_count(meta.get("n_values", 0), "n_values", 0)
+            count = limits.check_count(modality.check_meta(meta, options),
+                                       f"{modality.name}.check_meta()", 0)
+        except RecursionError:
+            raise bs.BitstreamError(f"item {i}: metadata nested too deeply") from None
+        except (ValueError, TypeError, KeyError) as err:
+            raise bs.BitstreamError(f"item {i}: {limits.one_line(err)}") from None
+        total += count
+        if total > limit:
+            try:
+                limits.check_output_values(total, f"the stream (up to item {i})")
+            except limits.LimitError as err:
+                raise bs.BitstreamError(str(err)) from None
+    return n_values
 
 
 def psnr(mse: float) -> float:

@@ -55,6 +55,10 @@ C15 ``state``          ``state()`` is JSON-serialisable (it goes into the checkp
                        gives the same state back.
 C16 ``view``           when a viewer is offered, ``view(truth, recon, path, options,
                        overwrite=False)`` writes a non-empty file.
+C17 ``check_meta``     ``check_meta(meta, options)`` accepts an item's meta as ``decode``
+                       sees it (as under C12) and returns a non-negative int, positive
+                       when the item has values (the number of values ``reconstruct``
+                       will produce).
 
 A clause that cannot run because an earlier one gave nothing to work on (no signals, no
 artifact) is reported as a *warning* saying so; warnings never make
@@ -88,7 +92,7 @@ CLAUSES: dict[str, str] = {
     "attributes": "C1", "options": "C2", "fit_state": "C3", "to_signal": "C4",
     "sample": "C5", "render": "C6", "objective": "C7", "n_values": "C8", "metrics": "C9",
     "item_template": "C10", "item_label": "C11", "reconstruct": "C12", "save": "C13",
-    "read": "C14", "state": "C15", "view": "C16",
+    "read": "C14", "state": "C15", "view": "C16", "check_meta": "C17",
 }
 
 _PROBE_POINTS = 64  # samples per item in the probe batch
@@ -439,6 +443,22 @@ def check_modality(modality: Any, items: Sequence[Any], *, tmp_dir: str | os.Pat
             artifact = decoded
     elif good:
         skipped("reconstruct", "needs every item's signal (see to_signal)")
+
+    # C17 check_meta: what decode asks before it allocates anything ------------------------
+    if have_all:
+        with rec.clause("check_meta") as c:
+            s, t = signals[0], templates[0]
+            n_item = _safe_n_values(m, s)
+            meta = dict(s.meta, template=t, n_values=n_item)
+            try:
+                meta = _json_round_trip(meta, "meta", bitstream=True)
+            except _Failed:  # reported under to_signal / item_template
+                pass
+            n = m.check_meta(meta, opts)
+            c.require(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0,
+                      f"must return the number of values reconstruct will produce (an int "
+                      f">= 0), got {n!r}")
+            c.require(n > 0 or n_item <= 0, f"returned 0 for an item of {n_item} values")
 
     # C13 save --------------------------------------------------------------------------
     ext = (tuple(getattr(m, "file_extensions", ())) or (".out",))[0]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mscn_core import limits
 from mscn_core.modality import Field, Modality, PredictFn
 from mscn_core.signals import Batch, Signal
 
@@ -214,9 +215,20 @@ class SdfModality(Modality):
         return out
 
     # -- artifacts --------------------------------------------------------------------
+    def check_meta(self, meta: dict, options: SdfOptions | None = None) -> int:
+        """Name and frame as :meth:`reconstruct` uses them; the values are the
+        ``resolution``³ lattice queried for marching cubes."""
+        if not isinstance(meta.get("name"), str):
+            raise ValueError(f"name must be a string, got {type(meta.get('name')).__name__}")
+        meshes.Frame.from_dict(meta.get("frame"))
+        n = limits.check_count(_opts(options).resolution, "resolution", 8)
+        return limits.check_output_values(n**3, f"a {n}^3 lattice")
+
     def reconstruct(self, meta: dict, predict: PredictFn, options: SdfOptions | None = None,
                     template: meshes.Shape | None = None) -> meshes.Shape:
         """Marching cubes of the predicted SDF on ``resolution``³ → a Shape (unit frame)."""
+        if template is None:
+            self.check_meta(meta, options)  # a stream's meta: validated before any allocation
         n = _opts(options).resolution
         if n < 8:
             raise ValueError(f"resolution must be >= 8, got {n}")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mscn_core import limits
 from mscn_core.modality import Modality, PredictFn
 from mscn_core.signals import Signal
 
@@ -49,9 +50,29 @@ def pack_mask(mask: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(np.packbits(mask.reshape(-1)).tobytes(), 9)).decode()
 
 
+def mask_bytes(text: Any, shape: Sequence[int]) -> bytes:
+    """The packed bits of :func:`pack_mask`'s text, inflated to exactly the size the grid
+    needs (why: the text comes from a stream; a zlib bomb stops at ``ceil(cells / 8)``)."""
+    if not isinstance(text, str):
+        raise ValueError(f"nan_mask must be a base64 string, got {type(text).__name__}")
+    n = math.prod(int(d) for d in shape)
+    need = (n + 7) // 8
+    try:
+        packed = base64.b64decode(text, validate=True)
+    except ValueError as err:  # binascii.Error
+        raise ValueError(f"nan_mask is not base64 ({err})") from None
+    raw = limits.inflate(packed, need, "nan_mask")
+    if len(raw) != need:
+        raise ValueError(f"nan_mask holds {8 * len(raw):,} cells, the {shape[0]}x{shape[1]} "
+                         f"grid needs {n:,}")
+    return raw
+
+
 def unpack_mask(text: str, shape: Sequence[int]) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(text)), np.uint8))
-    return bits[: int(np.prod(shape))].reshape(shape).astype(bool)
+    """Inverse of :func:`pack_mask`, bounded by the grid's size."""
+    n = math.prod(int(d) for d in shape)
+    bits = np.unpackbits(np.frombuffer(mask_bytes(text, shape), np.uint8))
+    return bits[:n].reshape(tuple(int(d) for d in shape)).astype(bool)
 
 
 def nearest_mask(mask: np.ndarray, meta: dict, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -122,17 +143,164 @@ def field_template(field: xr.DataArray, metadata: str = "full") -> dict:
             "coords": coords}
 
 
-def template_field(tmpl: dict) -> xr.DataArray:
-    """Inverse of :func:`field_template`: a NaN-filled DataArray with the same metadata."""
+def template_coords(tmpl: dict) -> xr.Dataset:
+    """The template's coordinates, CF-decoded (times back to dates where they decode)."""
     variables = {k: xr.Variable(c["dims"], _expand_axis(c["data"], c["dtype"]), c["attrs"])
                  for k, c in tmpl["coords"].items()}
     try:
-        decoded = xr.decode_cf(xr.Dataset(coords=variables))
+        return xr.decode_cf(xr.Dataset(coords=variables))
     except ValueError:  # times the reader also left undecoded (e.g. COADS year 0)
-        decoded = xr.decode_cf(xr.Dataset(coords=variables), decode_times=False)
+        return xr.decode_cf(xr.Dataset(coords=variables), decode_times=False)
+
+
+def template_field(tmpl: dict) -> xr.DataArray:
+    """Inverse of :func:`field_template`: a NaN-filled DataArray with the same metadata."""
+    decoded = template_coords(tmpl)
     shape = tuple(decoded.sizes[d] for d in tmpl["dims"])
     return xr.DataArray(np.full(shape, np.nan, dtype=tmpl["dtype"]), dims=tmpl["dims"],
                         coords=decoded.coords, name=tmpl["name"], attrs=tmpl["attrs"])
+
+
+# -- validation of stream metadata (it may be forged: nothing is sized before a check) ----
+_RESERVED_ATTRS = {"_FillValue", "missing_value", "_Netcdf4Dimid", "_Netcdf4Coordinates",
+                   "_NCProperties", "_IsNetcdf4", "_SuperblockVersion"}  # encoding, not attrs
+_COORD_KINDS = "biufSU"  # what CF-encoded coordinates are (times become numbers)
+_MAX_ITEMSIZE = 1024  # bytes per coordinate element ("<U256" at most)
+
+
+def _pair(value: Any, what: str) -> tuple[float, float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"{what} must be a list of two numbers, got {limits.describe(value)}")
+    return limits.check_finite(value[0], what), limits.check_finite(value[1], what)
+
+
+def _dtype(value: Any, what: str, kinds: str) -> np.dtype:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a numpy dtype name, got {limits.describe(value)}")
+    try:
+        dt = np.dtype(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {value[:60]!r} is not a numpy dtype") from None
+    if dt.kind not in kinds or not 0 < dt.itemsize <= _MAX_ITEMSIZE:
+        raise ValueError(f"{what} {value!r} is not a supported dtype here")
+    return dt
+
+
+def _check_name(name: Any, what: str) -> None:
+    """A name NetCDF can write: a non-empty string without '/' or NUL."""
+    if not isinstance(name, str) or not name or "/" in name or "\0" in name:
+        raise ValueError(f"{what} {limits.describe(name)} is not a usable name")
+
+
+def _attr_number(x: Any) -> bool:
+    if isinstance(x, bool):  # NetCDF has no boolean attributes
+        return False
+    return isinstance(x, float) or (isinstance(x, int) and -(1 << 63) <= x < (1 << 63))
+
+
+def _check_attrs(attrs: Any, what: str) -> None:
+    """Attributes as a reader wrote them (and NetCDF can write back): name → string,
+    number, or a flat list of strings or of numbers."""
+    if not isinstance(attrs, dict):
+        raise ValueError(f"{what} must be an object, got {limits.describe(attrs)}")
+    for k, v in attrs.items():
+        _check_name(k, f"{what} key")
+        if k in _RESERVED_ATTRS:
+            raise ValueError(f"{what}: {k!r} is reserved")
+        flat = v if isinstance(v, list) else [v]
+        if not (all(isinstance(x, str) for x in flat) or all(_attr_number(x) for x in flat)):
+            raise ValueError(f"{what}[{k!r}] must be a string, a number or a list of either")
+
+
+def _coord_shape(name: str, c: Any, limit: int) -> tuple[list[str], tuple[int, ...]]:
+    """A template coordinate's dims and shape, checked without expanding it."""
+    _check_name(name, "template coordinate")
+    if not isinstance(c, dict):
+        raise ValueError(f"template coordinate {name!r} must be an object")
+    for key in ("dims", "data", "dtype", "attrs"):
+        if key not in c:
+            raise ValueError(f"template coordinate {name!r} has no {key!r}")
+    dims = c["dims"]
+    if not isinstance(dims, list) or len(set(map(repr, dims))) != len(dims):
+        raise ValueError(f"template coordinate {name!r}: dims must be distinct strings")
+    for d in dims:
+        _check_name(d, f"template coordinate {name!r} dim")
+    _dtype(c["dtype"], f"template coordinate {name!r} dtype", _COORD_KINDS)
+    _check_attrs(c["attrs"], f"template coordinate {name!r} attrs")
+    data = c["data"]
+    if isinstance(data, dict):  # a regular axis {first, step, n} (_compact_axis)
+        if len(dims) != 1 or set(data) != {"first", "step", "n"}:
+            raise ValueError(f"template coordinate {name!r}: a compact axis needs one dim "
+                             "and exactly first, step, n")
+        limits.check_finite(data["first"], f"template coordinate {name!r} first")
+        limits.check_finite(data["step"], f"template coordinate {name!r} step")
+        return dims, (limits.check_count(data["n"], f"template coordinate {name!r} n",
+                                         0, limit),)
+    shape: list[int] = []
+    level = data
+    for _ in dims:  # nested lists, one level per dim, rectangular (checked below)
+        if not isinstance(level, list):
+            raise ValueError(f"template coordinate {name!r}: data does not match its dims")
+        shape.append(len(level))
+        level = level[0] if level else []
+    try:
+        arr = np.asarray(data, dtype=object)
+    except ValueError:  # ragged
+        raise ValueError(f"template coordinate {name!r}: data is not rectangular") from None
+    if arr.shape != tuple(shape) or any(isinstance(x, list | dict) for x in arr.flat):
+        raise ValueError(f"template coordinate {name!r}: data does not match its dims")
+    return dims, tuple(shape)
+
+
+def check_template(tmpl: Any, shape: tuple[int, int], limit: int) -> None:
+    """Raise ValueError unless ``tmpl`` is a :func:`field_template` of a field whose
+    grid is ``shape`` (normalised (lat, lon); the field may be (lon, lat))."""
+    if not isinstance(tmpl, dict):
+        raise ValueError("template missing" if tmpl is None else
+                         f"template must be an object, got {limits.describe(tmpl)}")
+    for key in ("name", "dims", "dtype", "attrs", "coords"):
+        if key not in tmpl:
+            raise ValueError(f"template has no {key!r}")
+    _check_name(tmpl["name"], "template name")
+    dims = tmpl["dims"]
+    if not isinstance(dims, list) or len(dims) != 2 or dims[0] == dims[1]:
+        raise ValueError(f"template dims must be two distinct names, got {limits.describe(dims)}")
+    for d in dims:
+        _check_name(d, "template dim")
+    _dtype(tmpl["dtype"], "template dtype", "biuf")
+    _check_attrs(tmpl["attrs"], "template attrs")
+    coords = tmpl["coords"]
+    if not isinstance(coords, dict):
+        raise ValueError(f"template coords must be an object, got {limits.describe(coords)}")
+    sizes: dict[str, int] = {}
+    for name, c in coords.items():
+        cdims, cshape = _coord_shape(name, c, limit)
+        for d, n in zip(cdims, cshape, strict=True):
+            if d not in dims:
+                raise ValueError(f"template coordinate {name!r} has dim {d!r}, not one of "
+                                 f"the field's {dims}")
+            if sizes.setdefault(d, n) != n:
+                raise ValueError(f"template dim {d!r} has sizes {sizes[d]} and {n}")
+    missing = [d for d in dims if d not in sizes]
+    if missing:
+        raise ValueError(f"template dim {missing[0]!r} has no coordinate")
+    grid = (sizes[dims[0]], sizes[dims[1]])
+    if grid not in (tuple(shape), tuple(shape)[::-1]):
+        raise ValueError(f"template grid {grid[0]}x{grid[1]} does not match shape "
+                         f"{shape[0]}x{shape[1]}")
+
+
+def _template_grid(tmpl: dict) -> tuple[int, int]:
+    """(nlat, nlon) of a checked template whose axes form a global regular grid (the
+    axes are CF-decoded, as :func:`template_field` will), else ValueError."""
+    try:
+        coords = template_coords(tmpl)
+        lat, lon = climate.find_lat_lon(coords)
+        climate.check_global_regular(np.asarray(coords[lat].values, dtype=np.float64),
+                                     np.asarray(coords[lon].values, dtype=np.float64))
+    except (ValueError, TypeError, OverflowError, KeyError) as err:
+        raise ValueError(f"template coordinates: {limits.one_line(err)}") from None
+    return coords.sizes[lat], coords.sizes[lon]
 
 
 @dataclass
@@ -197,6 +365,7 @@ class SphereModality(Modality):
 
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
+        self._grid_checked: tuple[dict, tuple[int, int]] | None = None  # see check_meta
 
     # -- reading ----------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
@@ -263,7 +432,12 @@ class SphereModality(Modality):
 
     # -- signals ----------------------------------------------------------------------
     def to_signal(self, item: xr.DataArray, options: SphereOptions | None = None) -> Signal:
-        values, lat, lon, _ = climate.normalize_field(item)
+        try:  # a lazily opened field (the accessor, the Python API) loads its values here
+            values, lat, lon, _ = climate.normalize_field(item)
+        except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
+            src = item.encoding.get("source", "the file")
+            raise ValueError(f"{src}: cannot read variable {item.name}: {err} "
+                             "(corrupted file?)") from None
         lo, hi, how = self.scale_for(item)
         vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
         if vmin < lo - 0.1 * (hi - lo) or vmax > hi + 0.1 * (hi - lo):
@@ -308,10 +482,46 @@ class SphereModality(Modality):
                 "scale_min": lo, "scale_max": hi}
 
     # -- artifacts --------------------------------------------------------------------
+    def check_meta(self, meta: dict, options: SphereOptions | None = None) -> int:
+        """Validate a stream item (scale, shape, template, NaN mask) without building the
+        field; the number of values: the native grid, or the ``options.resolution`` grid."""
+        limit = limits.max_output_values()
+        lo, hi = _pair(meta.get("scale"), "scale")
+        if not lo <= hi:
+            raise ValueError(f"scale must be [min, max] with min <= max, got [{lo}, {hi}]")
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise ValueError(f"shape must be a list of two sizes, got {limits.describe(shape)}")
+        nlat, nlon = (limits.check_count(n, "shape", 1, limit) for n in shape)
+        limits.check_output_values(nlat * nlon, f"a {nlat}x{nlon} field")
+        tmpl = meta.get("template")
+        check_template(tmpl, (nlat, nlon), limit)  # sizes bounded: safe to expand the axes
+        last = getattr(self, "_grid_checked", None)
+        if last is not None and last[0] is tmpl:
+            grid = last[1]
+        else:  # ~1 ms: done once for all the items that share one template
+            grid = _template_grid(tmpl)
+            self._grid_checked = (tmpl, grid)  # holds tmpl, so `is` cannot match a new one
+        if grid != (nlat, nlon):
+            raise ValueError(f"template grid is {grid[0]}x{grid[1]} (lat x lon), shape says "
+                             f"{nlat}x{nlon}")
+        if "nan_mask" in meta:
+            mask_bytes(meta["nan_mask"], (nlat, nlon))
+            lat0, lat1 = _pair(meta.get("lat"), "lat")
+            if lat0 == lat1:
+                raise ValueError("lat must be the first and last latitudes, got equal values")
+            limits.check_finite(meta.get("lon_first"), "lon_first")
+        resolution = _options(options).resolution
+        if resolution is None:
+            return nlat * nlon
+        glat, glon = climate.regular_latlon_shape(resolution)
+        return limits.check_output_values(glat * glon, f"a {glat}x{glon} output grid")
+
     def reconstruct(self, meta: dict, predict: PredictFn, options: SphereOptions | None = None,
                     template: xr.DataArray | None = None) -> xr.DataArray:
         """The field as a DataArray; ``options.resolution`` (degrees) gives a new global grid."""
         if template is None:
+            self.check_meta(meta, options)  # a stream's meta: validated before any allocation
             template = template_field(meta["template"])
         resolution = _options(options).resolution
         lo, hi = meta["scale"]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mscn_core import limits
 from mscn_core.modality import Modality, PredictFn
 from mscn_core.signals import Batch, Signal
 
@@ -37,6 +38,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 LOGIT_SCALE = 10.0  # raw output 0.5 ± 0.3 ↔ probability 0.05…0.95
 NET_SCALE = 2.0  # network coordinates = NET_SCALE × unit-frame coordinates
 NPZ_MAGIC = b"PK\x03\x04"
+MAX_RESOLUTION = 1024  # voxels per side an item may declare in a stream
 
 
 @dataclass
@@ -176,9 +178,22 @@ class VoxelModality(Modality):
                 "occupied_fraction": float(t.mean())}
 
     # -- artifacts --------------------------------------------------------------------
+    def check_meta(self, meta: dict, options: VoxelOptions | None = None) -> int:
+        """Name, frame and grid resolution as :meth:`reconstruct` uses them; the values
+        are the voxels of the output grid (``output_resolution`` or the item's)."""
+        if not isinstance(meta.get("name"), str):
+            raise ValueError(f"name must be a string, got {type(meta.get('name')).__name__}")
+        meshes.Frame.from_dict(meta.get("frame"))
+        r = limits.check_count(meta.get("resolution"), "resolution", 2, MAX_RESOLUTION)
+        out = _opts(options).output_resolution
+        r = limits.check_count(out, "output resolution", 2) if out else r  # as reconstruct
+        return limits.check_output_values(r**3, f"a {r}^3 grid")
+
     def reconstruct(self, meta: dict, predict: PredictFn, options: VoxelOptions | None = None,
                     template: meshes.Shape | None = None) -> meshes.Shape:
         """Occupancy at any resolution, and its marching-cubes mesh (unit frame)."""
+        if template is None:
+            self.check_meta(meta, options)  # a stream's meta: validated before any allocation
         r = _opts(options).output_resolution or int(meta["resolution"])
         if r < 2:
             raise ValueError(f"output resolution must be >= 2, got {r}")
