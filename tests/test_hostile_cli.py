@@ -543,3 +543,21 @@ def test_version_without_importing_torch():
     done = subprocess.run([sys.executable, "-m", "mscn_core", "--version"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == version + "\n"
+
+
+def test_corrupted_data_chunk_is_one_line_naming_file_and_variable(capsys, tmp_path):
+    """A NetCDF whose compressed chunk of ``t`` is overwritten (the HDF5 header intact):
+    the library's ``RuntimeError: NetCDF: HDF error`` becomes one line, before any fit."""
+    import random
+
+    bad = tmp_path / "corrupt.nc"
+    data = bytearray(ERA5.read_bytes())
+    at = int(0.3 * len(data))  # inside the chunks of t (measured: 0.3 and 0.5 both are)
+    data[at:at + 4096] = random.Random(0).randbytes(4096)
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "recon.nc"
+    code, _, err = _run(capsys, "fit", bad, "--checkpoint", CKPT, *SEL, "-o", out)
+    assert code == 2, err
+    line = _error_line(err, "fit")
+    assert str(bad) in line and "cannot read variable t" in line and "corrupted" in line
+    assert not out.exists() and not _temps(tmp_path)
