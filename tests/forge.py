@@ -67,14 +67,9 @@ def zlib_bomb(n: int) -> bytes:
 def item(header: dict, i: int = 0) -> dict:
     """Item ``i``'s metadata as the decoder merges it (common fields + the item's own):
     a copy for reading; write changes to ``header["extra"]["common"]`` or the item."""
-    def merge(common: dict, rest: dict) -> dict:
-        out = dict(common)
-        for k, v in rest.items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(
-                out.get(k), dict) else v
-        return out
+    from mscn_core.pipeline import merge_common
 
-    return merge(header.get("extra", {}).get("common", {}), header["items"][i])
+    return merge_common(header.get("extra", {}).get("common", {}), header["items"][i])
 
 
 def set_field(header: dict, key: str, value: object) -> None:
