@@ -113,7 +113,8 @@ def test_vendored_crops_are_split_by_region():
 
 
 def test_plugin_imports_only_the_public_core():
-    allowed = {"mscn_core.modality", "mscn_core.signals", "mscn_core.atomic"}
+    allowed = {"mscn_core.modality", "mscn_core.signals", "mscn_core.atomic",
+               "mscn_core.limits"}
     for source in (EXAMPLE / "mscn_image_plugin").glob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
@@ -247,6 +248,18 @@ def test_encode_decode_equals_fit_at_same_bits(trained, tmp_path):
         assert im.text["mscn_checkpoint_sha256"] == report["sha256"]
     again = _mscn("decode", stream, "--checkpoint", ck, "-o", decoded)
     assert again.returncode != 0 and "overwrite" in again.stderr
+    # A forged size claim (CRC recomputed) is refused by the plugin's check_meta before
+    # the core decodes anything: one line, no 10^12-value allocation.
+    from forge import forge, item, set_field
+
+    def taller(header: dict, payloads: list) -> None:
+        set_field(header, "template", {**item(header)["template"], "height": 10**6})
+
+    huge = tmp_path / "huge.mscn"
+    huge.write_bytes(forge(stream.read_bytes(), taller))
+    bad = _mscn("decode", huge, "--checkpoint", ck, "-o", tmp_path / "huge.png")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "template height" in bad.stderr and not (tmp_path / "huge.png").exists()
 
 
 def _nonblank(path: Path, min_size: tuple[int, int] = (300, 150)) -> np.ndarray:

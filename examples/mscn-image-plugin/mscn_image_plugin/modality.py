@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
 from mscn_core.atomic import write_atomic
+from mscn_core.limits import check_count
 from mscn_core.modality import Modality, PredictFn
 from mscn_core.signals import Signal
 
@@ -176,12 +177,24 @@ class ImageModality(Modality):
         return {"psnr_db": psnr_db(mse), "mse": mse, "psnr_db_float": psnr_db(mse_float)}
 
     # -- artifacts --------------------------------------------------------------------
+    def check_meta(self, meta: dict, options: ImageOptions | None = None) -> int:
+        """A stream item's size claims, checked before the core decodes anything (a forged
+        stream could ask for a 10⁹-pixel image): the values ``reconstruct`` will make."""
+        tmpl = meta.get("template")
+        if not isinstance(tmpl, dict):
+            raise ValueError("item metadata has no image template")
+        h = check_count(tmpl.get("height"), "template height", 1, 1 << 16)
+        w = check_count(tmpl.get("width"), "template width", 1, 1 << 16)
+        h, w = output_size(h, w, (options or ImageOptions()).size)
+        return h * w * 3
+
     def reconstruct(self, meta: dict, predict: PredictFn, options: ImageOptions | None = None,
                     template: ImageItem | None = None) -> np.ndarray:
         """A ``(H, W, 3)`` uint8 array; ``options.size`` renders the long side at that size."""
         if template is not None:
             h, w = template.shape
         else:
+            self.check_meta(meta, options)
             h, w = int(meta["template"]["height"]), int(meta["template"]["width"])
         h, w = output_size(h, w, (options or ImageOptions()).size)
         pred = predict(torch.from_numpy(pixel_grid(h, w)))
