@@ -108,6 +108,15 @@ class MethodSchema(msgspec.Struct, forbid_unknown_fields=True):
     grad_impl: Annotated[str, Meta(min_length=1, max_length=32)] = _MC.grad_impl
 
 
+class CodecInfoSchema(msgspec.Struct):
+    """``info["codec"]``: the one part of ``info`` the codec reads (quantiser clipping and
+    the bit depths that have entropy models)."""
+
+    clip_sigma: PosFloat
+    bit_depths: list[Annotated[int, Meta(ge=2, le=8)]]
+    fitted_on_items: Annotated[int, Meta(ge=0)] = 0
+
+
 class ConfigSchema(msgspec.Struct):
     """The whole config; unknown top-level keys are ignored (see above)."""
 
@@ -213,6 +222,14 @@ def validate_config(raw: object, where: object) -> ValidConfig:
         raise _fail(where, f"invalid checkpoint metadata: {msg}{got}") from None
     except RecursionError:
         raise _fail(where, "invalid checkpoint metadata: nested too deeply") from None
+    if "codec" in cfg.info:
+        try:
+            msgspec.convert(cfg.info["codec"], CodecInfoSchema)
+        except msgspec.ValidationError as err:
+            msg = str(err)
+            msg = msg.replace("at `$", "at `$.info.codec") if " - at `$" in msg else \
+                f"{msg} - at `$.info.codec`"
+            raise _fail(where, f"invalid checkpoint metadata: {msg}") from None
     siren = SirenConfig(**msgspec.structs.asdict(cfg.siren))
     mcfg = MethodConfig(**msgspec.structs.asdict(cfg.method_config))
     n = siren_parameter_count(siren)

@@ -385,15 +385,16 @@ def _inspect_checkpoint(args) -> int:
     print(f"code size   {sparsity.get('code_size')} values per item")
     if sparsity.get("per_layer_nonzero") is not None:
         print(f"non-zero gates per layer  {sparsity['per_layer_nonzero']}")
-    train = ck.info.get("train", {})
-    if train:
+    train = ck.info.get("train")  # free-form provenance: shown as found, never trusted
+    if isinstance(train, dict) and train:
+        loss = train.get("best_val_loss")
+        loss = f"{loss:.3g}" if isinstance(loss, int | float) else loss
         print(f"training    {train.get('steps_run')} outer steps, best validation loss "
-              f"{train.get('best_val_loss'):.3g} at step {train.get('best_step')}, "
-              f"{train.get('rollbacks')} rollbacks")
-    if ck.info.get("codec"):
+              f"{loss} at step {train.get('best_step')}, {train.get('rollbacks')} rollbacks")
+    if ck.info.get("codec"):  # validated with the checkpoint (the codec reads it)
         codec = ck.info["codec"]
         print(f"codec       bits {codec['bit_depths']}, clip ±{codec['clip_sigma']}σ, "
-              f"fitted on {codec['fitted_on_items']} items")
+              f"fitted on {codec.get('fitted_on_items', '?')} items")
     for k, v in ck.modality_state.items():
         print(f"{k:<11} {json.dumps(v)[:300]}")
     return 0

@@ -129,9 +129,23 @@ def quantizer(ck: Checkpoint, bits: int) -> tuple[UniformQuantizer, CategoricalM
         raise ValueError(f"--bits {bits} not available; this checkpoint has entropy models for "
                          f"{depths}")
     arrays = {k: v.numpy() for k, v in ck.codec.items()}
-    stats = QuantizerStats.from_arrays(arrays, "quant.")
-    model = CategoricalModel.from_arrays(arrays, f"bits{bits}.")
-    return UniformQuantizer(bits, ck.info["codec"]["clip_sigma"], stats), model
+    try:  # tables a forged checkpoint may lack or mis-shape (its digest only proves intent)
+        stats = QuantizerStats.from_arrays(arrays, "quant.")
+        model = CategoricalModel.from_arrays(arrays, f"bits{bits}.")
+        q = UniformQuantizer(bits, ck.info["codec"]["clip_sigma"], stats)
+        if stats.n_values is not None and stats.n_values != ck.rep.code_size():
+            raise ValueError(f"statistics for {stats.n_values} values, the code has "
+                             f"{ck.rep.code_size()}")
+        if model.n_symbols != q.n_symbols:
+            raise ValueError(f"entropy model of {model.n_symbols} symbols, {bits} bits "
+                             f"quantise to {q.n_symbols}")
+        if model.per_position and model.n_positions != ck.rep.code_size():
+            raise ValueError(f"entropy model for {model.n_positions} positions, the code has "
+                             f"{ck.rep.code_size()}")
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"this checkpoint's codec tables for {bits} bits are missing or "
+                         f"malformed: {err}") from None
+    return q, model
 
 
 def quantize_codes(ck: Checkpoint, codes: Tensor, bits: int) -> tuple[np.ndarray, Tensor]:

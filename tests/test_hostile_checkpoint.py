@@ -436,3 +436,45 @@ def test_mutated_config_loads_or_fails_cleanly(good, tmp_path, data):
     except CheckpointError as err:
         event("refused")
         assert "\n" not in str(err) and len(str(err).splitlines()) == 1, str(err)
+
+
+# -- info: free-form provenance, except the part the codec reads (found by the fuzzer) -------
+
+ERA5_CKPT = ROOT / "plugins" / "checkpoints" / "era5_t850.safetensors"
+
+
+@pytest.mark.parametrize("codec, expect", [
+    ("x", r"Expected `object`, got `str` - at `\$\.info\.codec`"),
+    ({"clip_sigma": "3", "bit_depths": [6]}, r"at `\$\.info\.codec\.clip_sigma`"),
+    ({"clip_sigma": 3.0, "bit_depths": [6, 99]}, r"at `\$\.info\.codec\.bit_depths\[1\]`"),
+    ({"bit_depths": [6]}, r"missing required field `clip_sigma`"),
+])
+def test_codec_info_is_validated_with_the_checkpoint(tmp_path, codec, expect):
+    bad = forge(ERA5_CKPT, tmp_path / "codec.safetensors",
+                cfg=lambda c: c["info"].__setitem__("codec", codec))
+    refused(bad, expect)
+
+
+def test_inspect_shows_forged_training_info_as_found(tmp_path, capsys):
+    from mscn_core.cli import main
+
+    def strip(c):
+        del c["info"]["train"]["best_val_loss"]
+        c["info"]["provenance"] = [1, {"x": None}]
+
+    odd = forge(ERA5_CKPT, tmp_path / "odd.safetensors", cfg=strip)
+    assert main(["inspect", str(odd)]) == 0
+    assert "best validation loss None" in capsys.readouterr().out
+
+
+def test_missing_codec_tables_are_one_line_at_encode(tmp_path):
+    from mscn_core.pipeline import quantizer
+
+    def drop(ts):
+        for k in [k for k in ts if k.startswith("codec.bits6.")]:
+            del ts[k]
+
+    ck = load_checkpoint(forge(ERA5_CKPT, tmp_path / "nobits6.safetensors", tensors=drop))
+    with pytest.raises(ValueError, match="codec tables for 6 bits are missing or malformed"):
+        quantizer(ck, 6)
+    quantizer(ck, 4)  # the other depths still work
