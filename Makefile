@@ -13,7 +13,11 @@ MESH  := datasets/data/meshes/bunny00.ply
 SDF   := plugins/checkpoints/shapes_sdf.safetensors
 VOX   := plugins/checkpoints/shapes_voxel.safetensors
 
-.PHONY: test demo setup checkpoint shape-checkpoints fuzz clean
+# Held-out scene: renders of a real jeep mesh, never trained on (datasets/data/scenes/README.md)
+SCENE := datasets/data/scenes/test/jeep1
+NERF  := plugins/checkpoints/nerf_scenes.safetensors
+
+.PHONY: test demo setup checkpoint shape-checkpoints nerf-checkpoint fuzz clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	./scripts/setup.sh
@@ -44,6 +48,11 @@ demo: $(STAMP)
 	$(BIN)/mscn view mesh $(MESH) $(OUT)/bunny_decoded.glb -o $(OUT)/bunny_sdf.png --overwrite
 	$(BIN)/mscn fit $(MESH) --modality voxel --checkpoint $(VOX) -o $(OUT)/bunny_voxels.binvox --overwrite
 	$(BIN)/mscn view voxels $(MESH) $(OUT)/bunny_voxels.binvox -o $(OUT)/bunny_voxels.png --overwrite
+	rm -rf $(OUT)/jeep1_views $(OUT)/jeep1_decoded  # scene folders: mscn refuses to replace folders
+	$(BIN)/mscn fit $(SCENE) --checkpoint $(NERF) --orbit-views 24 -o $(OUT)/jeep1_views
+	$(BIN)/mscn view $(SCENE) $(OUT)/jeep1_views -o $(OUT)/jeep1_views.png --gif $(OUT)/jeep1_orbit.gif --overwrite
+	$(BIN)/mscn encode $(SCENE) --checkpoint $(NERF) --bits 6 -o $(OUT)/jeep1.mscn --overwrite
+	$(BIN)/mscn decode $(OUT)/jeep1.mscn --checkpoint $(NERF) --orbit-views 0 -o $(OUT)/jeep1_decoded
 	@echo "demo outputs in $(OUT)/"
 
 # Rebuilds the shipped checkpoint from the vendored data (about 10 minutes on 2 cores).
@@ -53,6 +62,11 @@ checkpoint: $(STAMP)
 # Rebuilds the shipped SDF and voxel checkpoints from the vendored meshes (CPU).
 shape-checkpoints: $(STAMP)
 	$(BIN)/python plugins/checkpoints/build_shapes.py
+
+# Renders the training scenes from the vendored meshes and meta-trains the shipped NeRF
+# checkpoint (about 20 minutes on one CPU thread).
+nerf-checkpoint: $(STAMP)
+	$(BIN)/python plugins/checkpoints/build_nerf.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

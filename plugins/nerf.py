@@ -1,0 +1,495 @@
+"""Radiance fields of posed views (the paper's SRN Cars experiment, after functa).
+
+A scene (an SRN folder or a transforms.json, see :mod:`mscn_datasets.scenes`) is one
+item. Its **signal** is rays: ``coords (N, 6)`` = origin and direction of every pixel-centre
+ray of its *context* views, then of its *held-out* views, ``targets (N, 3)`` their RGB,
+and the mask marks the context rays. Only context rays are ever adapted on: the sampler
+draws from them alone, and the held-out rays carry zero weight if a whole signal is used;
+:meth:`NerfModality.metrics` then scores the held-out views (functa's protocol: adapt on
+view 63, or 63 and 127; score 23, 55, 82, 119). A scene without those views (an SRN
+*training* scene of 50 views) is all context and scored on its own views.
+
+Rendering (:meth:`NerfModality.render`, used by the inner and outer loops, validation,
+metrics and decoding alike), functa's ``render_rays``: ``samples`` depths evenly spaced
+from ``near`` to ``far`` (both included; ``stratified`` jitters them within their bins
+while adapting, seeded by the batch), the network at every point, RGB = the raw outputs
+(the SIREN's 0.5 offset included), density ``clip(elu(x, 0.1) + 0.1, 0, max_density)``,
+emission–absorption compositing with Δt scaled by |d| (the last interval 1e-3), and the
+untaken transmittance filled with white. The loss is the mean squared error of the
+rendered colours (the contract's default ``objective``, functa's ``loss_fn_nerf``).
+
+Bits per value count the **context pixels** (H·W per context view): what a receiver had
+to see to get the scene. Output of fit/decode: a scene folder (SRN layout) with the
+scored views rendered at their poses, their depth maps, an orbit of new views and
+``mscn.json``; ``mscn view`` shows truth beside prediction.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mscn_core import limits
+from mscn_core.modality import Field, Modality, PredictFn
+from mscn_core.signals import Signal
+from mscn_datasets import scenes
+from mscn_datasets.scenes import Intrinsics, Scene, SceneDataError
+
+# Points per network call when rendering without gradients (views for metrics/output):
+# bounded memory at any image size; with gradients the batch is the caller's choice.
+RENDER_POINTS = 1 << 17
+AUX_COLUMNS = 7  # coords with a 7th column ask render for depth and opacity too
+MAX_VIEWS = 4096  # scored views a stream may declare
+
+
+@dataclass
+class NerfOptions:
+    """Rays, rendering and the evaluation protocol (defaults: functa's SRN Cars)."""
+
+    near: float = 0.8  # depth along the optical axis where ray samples start (SRN Cars)
+    far: float = 1.8  # depth where ray samples end
+    samples: int = 32  # evenly spaced samples per ray, near and far included
+    # jitter every sample within its bin while adapting (seeded by the batch)
+    stratified: bool = False
+    white_background: bool = True  # composite onto white (SRN, NeRF-synthetic)
+    max_density: float = 10.0  # clip of the density elu(x, 0.1) + 0.1 (functa)
+    views_per_step: int = 8  # V: each step draws its rays from V context views
+    # rays per inner step when fitting or encoding (V × R; functa 8 × 1024); meta-training
+    # draws --points-per-item rays; --points-per-step overrides this for one command
+    rays_per_step: int = 8192
+    # auto: held-out protocol when a scene has every context view, else all views are
+    # context (a training scene); train: all views are context; heldout: required
+    protocol: Literal["auto", "train", "heldout"] = "auto"
+    # view ids adapted on (functa: 63, or 63 and 127; repeat the flag)
+    context_views: list[int] = field(default_factory=lambda: [63])
+    # view ids scored after adapting, never adapted on (functa: 23 55 82 119)
+    novel_views: list[int] = field(default_factory=lambda: [23, 55, 82, 119])
+    size: int | None = None  # resample views to SIZE×SIZE on reading (intrinsics scaled)
+    orbit_views: int = 12  # fit/decode also render this many new views along an orbit
+    orbit_size: int | None = None  # side of the orbit views in pixels (default: the scene's)
+    # elevation of the orbit in degrees (default: the context cameras')
+    orbit_elevation: float | None = None
+    ssim: bool = True  # also report SSIM (scikit-image) of the scored views
+
+
+def _opts(options: NerfOptions | None) -> NerfOptions:
+    return options if options is not None else NerfOptions()
+
+
+@dataclass
+class SceneSignal(Signal):
+    """A Signal that remembers how to sample and score it (never transmitted)."""
+
+    views_per_step: int = 8
+    ssim: bool = True
+
+
+# -- geometry helpers -------------------------------------------------------------------
+def view_rays(pose: np.ndarray, intr: Intrinsics) -> np.ndarray:
+    """Rays ``(H·W, 6)`` (origin, direction) of one view, row-major pixels."""
+    o, d = scenes.pixel_rays(pose, intr)
+    return np.concatenate([o, d], -1).reshape(-1, 6)
+
+
+def encode_poses(poses: np.ndarray) -> str:
+    """Camera-to-world poses → base64 of float32 (V, 3, 4): 64 characters per view."""
+    return base64.b64encode(np.asarray(poses, np.float32)[:, :3, :4].tobytes()).decode()
+
+
+def decode_poses(text: Any, n: int) -> np.ndarray:
+    """The inverse of :func:`encode_poses`, checked (stream metadata may be forged)."""
+    if not isinstance(text, str) or len(text) > 64 * MAX_VIEWS + 8:
+        raise ValueError("poses must be a base64 string of float32 3×4 matrices")
+    try:
+        raw = base64.b64decode(text.encode(), validate=True)
+    except ValueError:
+        raise ValueError("poses are not valid base64") from None
+    if len(raw) != 48 * n:
+        raise ValueError(f"poses hold {len(raw)} bytes, {n} views need {48 * n}")
+    m = np.frombuffer(raw, np.float32).reshape(n, 3, 4).astype(np.float64)
+    out = np.tile(np.eye(4), (n, 1, 1))
+    out[:, :3, :4] = m
+    for k in range(n):
+        try:
+            scenes.check_rigid(out[k], f"pose {k}")
+        except SceneDataError as err:
+            raise ValueError(str(err)) from None
+    return out
+
+
+def world_up(poses: np.ndarray) -> np.ndarray:
+    """The scene's up direction, assuming cameras are not rolled (their x axes are
+    level): the normal of the plane of the cameras' x axes when they span one (cameras
+    at several azimuths), else the world axis nearest the cameras' image-up (one camera
+    cannot tell its own elevation; SRN scenes are +y up, NeRF-synthetic +z)."""
+    cam_up = -poses[:, :3, 1].mean(0)
+    if len(poses) >= 2:
+        _, sv, vt = np.linalg.svd(poses[:, :3, 0])
+        if sv[1] > 0.2 * sv[0] and sv[2] < 0.05 * sv[0]:
+            up = vt[2]
+            return up if up @ cam_up >= 0 else -up
+    k = int(np.argmax(np.abs(cam_up)))
+    up = np.zeros(3)
+    up[k] = np.sign(cam_up[k]) or 1.0
+    return up
+
+
+def orbit_frame(poses: np.ndarray, near: float, far: float) -> dict:
+    """Where an orbit of new views goes, from the context cameras: the point they look
+    at (least-squares meeting point of their axes; one camera: its axis at the middle
+    depth), their distance to it, the scene's up (:func:`world_up`), their elevation
+    above the horizontal plane, and the first one's azimuth."""
+    centres, axes = poses[:, :3, 3], poses[:, :3, 2]
+    mid = centres + axes * (near + far) / 2
+    target = mid.mean(0)
+    if len(poses) > 1:
+        a = np.zeros((3, 3))
+        b = np.zeros(3)
+        for c, z in zip(centres, axes, strict=True):
+            p = np.eye(3) - np.outer(z, z)
+            a += p
+            b += p @ c
+        if np.linalg.cond(a) < 1e6:
+            target = np.linalg.solve(a, b)
+    up = world_up(poses)
+    rel = centres - target
+    radius = float(np.linalg.norm(rel, axis=1).mean())
+    el = float(np.degrees(np.arcsin(np.clip((rel / np.linalg.norm(rel, axis=1)[:, None])
+                                            @ up, -1, 1))).mean())
+    return {"target": [round(float(x), 6) for x in target],
+            "up": [round(float(x), 6) for x in up], "radius": round(radius, 6),
+            "elevation": round(el, 4), "start": [round(float(x), 6) for x in rel[0]]}
+
+
+def _finite_list(v: Any, n: int, what: str) -> list[float]:
+    if not isinstance(v, list) or len(v) != n:
+        raise ValueError(f"{what} must be a list of {n} numbers")
+    return [limits.check_finite(x, what) for x in v]
+
+
+# -- the modality -----------------------------------------------------------------------
+class NerfModality(Modality):
+    name = "nerf"
+    description = ("radiance fields of posed views (SRN folders, transforms.json) → novel "
+                   "views (PNG)")
+    in_dim = 3
+    out_dim = 4
+    options = NerfOptions
+    points_per_step = 8192  # rays per inner step when fitting/encoding (functa 8 × 1024)
+    view_names = ("scene", "scenes", "views")
+
+    RENDER_FIELDS = ("near", "far", "samples", "stratified", "white_background",
+                     "max_density")
+
+    def __init__(self) -> None:
+        self.render_cfg = {k: getattr(NerfOptions, k) for k in self.RENDER_FIELDS}
+        self.points_per_step = NerfOptions.rays_per_step
+        self._from_checkpoint = False
+
+    # -- files -------------------------------------------------------------------------
+    def guess_can_open(self, path: str | os.PathLike) -> bool:
+        return scenes.is_scene_path(path)
+
+    def read(self, path: str | os.PathLike, options: NerfOptions | None = None
+             ) -> list[Scene]:
+        size = _opts(options).size
+        if size is not None and not 1 <= size <= scenes.MAX_SIDE:
+            raise ValueError(f"--size must be 1..{scenes.MAX_SIDE}, got {size}")
+        return scenes.read_scenes(path, size=size)
+
+    def item_label(self, item: Scene) -> str:
+        return item.name
+
+    # -- settings kept in the checkpoint -------------------------------------------------
+    def state(self) -> dict:
+        return {"render": dict(self.render_cfg), "rays_per_step": int(self.points_per_step)}
+
+    def load_state(self, state: dict) -> None:
+        self.render_cfg.update(state.get("render", {}))
+        self.points_per_step = int(state.get("rays_per_step", self.points_per_step))
+        self._from_checkpoint = True
+
+    def _use_options(self, o: NerfOptions) -> None:
+        """Meta-training (or a fit from scratch) takes the options; afterwards the
+        checkpoint's rendering wins: its network and rates were learnt for it."""
+        if o.samples < 2 or not 0 <= o.near < o.far or o.max_density <= 0:
+            raise ValueError(f"need samples >= 2, 0 <= near < far and max_density > 0; got "
+                             f"samples={o.samples}, near={o.near}, far={o.far}, "
+                             f"max_density={o.max_density}")
+        if o.views_per_step < 1 or o.rays_per_step < 1:
+            raise ValueError("views_per_step and rays_per_step must be >= 1")
+        given = {k: getattr(o, k) for k in self.RENDER_FIELDS}
+        if not self._from_checkpoint:
+            self.render_cfg = given
+            self.points_per_step = o.rays_per_step
+            return
+        changed = [k for k, v in given.items()
+                   if v != getattr(NerfOptions, k) and v != self.render_cfg[k]]
+        if changed:
+            warnings.warn(f"--{changed[0].replace('_', '-')} ignored: the checkpoint was "
+                          f"meta-learned with {changed[0]}={self.render_cfg[changed[0]]}",
+                          stacklevel=3)
+
+    # -- signals ---------------------------------------------------------------------------
+    def split_views(self, scene: Scene, o: NerfOptions) -> tuple[list[int], list[int]]:
+        """(context view ids, held-out view ids) of a scene under the protocol."""
+        have = set(scene.view_ids)
+        ctx, novel = list(dict.fromkeys(o.context_views)), list(dict.fromkeys(o.novel_views))
+        if set(ctx) & set(novel):
+            raise ValueError(f"views {sorted(set(ctx) & set(novel))} are both context and "
+                             "novel views")
+        heldout = o.protocol == "heldout" or (o.protocol == "auto" and ctx
+                                              and set(ctx) <= have)
+        if not heldout:
+            return list(scene.view_ids), []
+        missing = [v for v in ctx + novel if v not in have]
+        if missing or not ctx:
+            raise SceneDataError(f"{scene.source or scene.name}: the held-out protocol needs "
+                                 f"views {ctx} (context) and {novel} (novel); missing "
+                                 f"{missing or 'context views'} (--protocol train adapts on "
+                                 "all views)")
+        return ctx, novel
+
+    def to_signal(self, item: Scene, options: NerfOptions | None = None) -> SceneSignal:
+        o = _opts(options)
+        self._use_options(o)
+        ctx, novel = self.split_views(item, o)
+        intr = item.intrinsics
+        ids = ctx + novel
+        idx = [item.index(v) for v in ids]
+        rays = np.concatenate([view_rays(item.poses[i], intr) for i in idx]).astype(np.float32)
+        rgb = item.images[idx].reshape(-1, 3).astype(np.float32)
+        hw = intr.height * intr.width
+        mask = torch.zeros(len(rays), dtype=torch.bool)
+        mask[: len(ctx) * hw] = True
+        scored = novel or ctx
+        cfg = self.render_cfg
+        meta = {"name": item.name, "intrinsics": intr.as_dict(), "context_views": ctx,
+                "scored_views": scored, "heldout": bool(novel),
+                "orbit": orbit_frame(item.poses[[item.index(v) for v in ctx]], cfg["near"],
+                                     cfg["far"])}
+        return SceneSignal(torch.from_numpy(rays), torch.from_numpy(rgb), mask, meta,
+                           views_per_step=o.views_per_step, ssim=o.ssim)
+
+    def item_template(self, item: Scene, options: NerfOptions | None = None) -> dict:
+        """The poses of the scored views (64 bytes each), so a decoder renders them."""
+        o = _opts(options)
+        ctx, novel = self.split_views(item, o)
+        scored = novel or ctx
+        return {"poses": encode_poses(item.poses[[item.index(v) for v in scored]])}
+
+    def sample(self, signal: Signal, n: int, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """V context views (without replacement), ``n / V`` uniform rays from each."""
+        intr = signal.meta["intrinsics"]
+        hw = intr["height"] * intr["width"]
+        n_ctx = len(signal.meta["context_views"])
+        v = max(1, min(getattr(signal, "views_per_step", 8), n_ctx, n))
+        views = torch.randperm(n_ctx, generator=generator)[:v]
+        counts = [n // v + (1 if k < n % v else 0) for k in range(v)]
+        pick = torch.cat([views[k] * hw + torch.randint(hw, (c,), generator=generator)
+                          for k, c in enumerate(counts)])
+        return (signal.coords[pick], signal.targets[pick],
+                torch.ones(n, dtype=signal.coords.dtype))
+
+    # -- volume rendering ------------------------------------------------------------------
+    def render(self, field: Field, coords: Tensor) -> Tensor:
+        """Rays ``(B, n, 6)`` → RGB ``(B, n, 3)``; with a 7th column, ``(B, n, 5)`` =
+        RGB, depth (expected depth / opacity) and opacity."""
+        if not torch.is_grad_enabled():
+            step = max(1, RENDER_POINTS // (coords.shape[0] * int(self.render_cfg["samples"])))
+            if coords.shape[1] > step:
+                return torch.cat([self.render(field, coords[:, i:i + step])
+                                  for i in range(0, coords.shape[1], step)], 1)
+        rgb, depth, acc = self.render_rays(field, coords[..., :3], coords[..., 3:6])
+        if coords.shape[-1] >= AUX_COLUMNS:
+            return torch.cat([rgb, depth[..., None], acc[..., None]], -1)
+        return rgb
+
+    def render_rays(self, field: Field, origins: Tensor, dirs: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Emission–absorption along rays ``(B, n, 3)``: colour, depth, opacity."""
+        cfg = self.render_cfg
+        s, near, far = int(cfg["samples"]), float(cfg["near"]), float(cfg["far"])
+        b, n = origins.shape[:2]
+        t = torch.linspace(near, far, s, dtype=origins.dtype, device=origins.device)
+        t = t.expand(b, n, s)
+        if cfg["stratified"] and torch.is_grad_enabled():
+            seed = int(abs(float(origins.detach().double().sum()
+                                 + dirs.detach().double().sum())) * 1e6) % (2**62)
+            g = torch.Generator().manual_seed(seed)
+            mids = 0.5 * (t[..., 1:] + t[..., :-1])
+            lower = torch.cat([t[..., :1], mids], -1)
+            upper = torch.cat([mids, t[..., -1:]], -1)
+            u = torch.rand(t.shape, generator=g, dtype=t.dtype).to(t.device)
+            t = lower + (upper - lower) * u
+        points = origins[..., None, :] + dirs[..., None, :] * t[..., None]
+        out = field(points.reshape(b, n * s, 3)).reshape(b, n, s, -1)
+        rgb = out[..., :3]
+        sigma = (F.elu(out[..., 3], alpha=0.1) + 0.1).clamp(0.0, float(cfg["max_density"]))
+        delta = torch.cat([t[..., 1:] - t[..., :-1], torch.full_like(t[..., :1], 1e-3)], -1)
+        delta = delta * dirs.norm(dim=-1, keepdim=True)
+        alpha = 1.0 - torch.exp(-sigma * delta)
+        trans = torch.clamp(1.0 - alpha + 1e-10, max=1.0)
+        trans = torch.cumprod(torch.cat([torch.ones_like(trans[..., :1]), trans[..., :-1]],
+                                        -1), -1)
+        w = alpha * trans
+        acc = w.sum(-1)
+        colour = (w[..., None] * rgb).sum(-2)
+        if cfg["white_background"]:
+            colour = colour + (1.0 - acc)[..., None]
+        depth = (w * t).sum(-1) / acc.clamp_min(1e-6)
+        return colour, depth, acc
+
+    # -- numbers ---------------------------------------------------------------------------
+    def n_values(self, signal: Signal) -> int:
+        """Context pixels: bits per value are bits per pixel of the views adapted on."""
+        intr = signal.meta["intrinsics"]
+        return len(signal.meta["context_views"]) * intr["height"] * intr["width"]
+
+    def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
+        """Mean per-view PSNR (and SSIM) of the scored views (held-out ones when the
+        scene has them, colours clipped to [0, 1]); PSNR of the context views too."""
+        intr = signal.meta["intrinsics"]
+        h, w = intr["height"], intr["width"]
+        n_ctx = len(signal.meta["context_views"])
+        p = pred[..., :3].detach().clamp(0, 1).double().reshape(-1, h, w, 3)
+        t = signal.targets.double().reshape(-1, h, w, 3)
+        mse = ((p - t) ** 2).mean(dim=(1, 2, 3))
+        psnr = [-10 * math.log10(max(float(m), 1e-20)) for m in mse]
+        heldout = bool(signal.meta["heldout"])
+        scored = list(range(n_ctx, len(psnr))) if heldout else list(range(n_ctx))
+        out = {"psnr": float(np.mean([psnr[i] for i in scored])),
+               "psnr_context": float(np.mean(psnr[:n_ctx])),
+               "mse": float(mse[scored].mean()),
+               "heldout": float(heldout), "views_scored": float(len(scored))}
+        if getattr(signal, "ssim", True) and min(h, w) >= 7:
+            from skimage.metrics import structural_similarity
+
+            out["ssim"] = float(np.mean([
+                structural_similarity(t[i].numpy(), p[i].numpy(), channel_axis=2,
+                                      data_range=1.0) for i in scored]))
+        return out
+
+    # -- artifacts -------------------------------------------------------------------------
+    def check_meta(self, meta: dict, options: NerfOptions | None = None) -> int:
+        """Name, intrinsics, view ids, poses and orbit as a stream states them; returns
+        the values the rendering will have (RGB + depth per pixel)."""
+        o = _opts(options)
+        if not isinstance(meta.get("name"), str) or not meta["name"]:
+            raise ValueError("name must be a non-empty string")
+        intr = Intrinsics.from_dict(meta.get("intrinsics"))
+        ids = meta.get("scored_views")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_VIEWS:
+            raise ValueError(f"scored_views must be a list of 1..{MAX_VIEWS} view ids")
+        for v in ids:
+            limits.check_count(v, "a view id", 0, 10**9)
+        ctx = meta.get("context_views")
+        if not isinstance(ctx, list) or len(ctx) > MAX_VIEWS:
+            raise ValueError(f"context_views must be a list of at most {MAX_VIEWS} view ids")
+        for v in ctx:
+            limits.check_count(v, "a view id", 0, 10**9)
+        if not isinstance(meta.get("heldout"), bool):
+            raise ValueError("heldout must be true or false")
+        template = meta.get("template")
+        if not isinstance(template, dict):
+            raise ValueError("template must be an object")
+        decode_poses(template.get("poses"), len(ids))
+        orbit = meta.get("orbit")
+        if not isinstance(orbit, dict):
+            raise ValueError("orbit must be an object")
+        for key in ("target", "up", "start"):
+            _finite_list(orbit.get(key), 3, f"orbit {key}")
+        for key in ("radius", "elevation"):
+            limits.check_finite(orbit.get(key), f"orbit {key}")
+        if not orbit["radius"] > 0 or np.linalg.norm(orbit["up"]) < 1e-6:
+            raise ValueError("orbit needs a positive radius and a non-zero up vector")
+        n_orbit = limits.check_count(o.orbit_views, "orbit_views", 0, MAX_VIEWS)
+        side = limits.check_count(o.orbit_size or intr.height, "orbit_size", 1,
+                                  scenes.MAX_SIDE)
+        n = 4 * (len(ids) * intr.height * intr.width + n_orbit * side * side)
+        return limits.check_output_values(n, f"scene {meta['name']!r}")
+
+    def reconstruct(self, meta: dict, predict: PredictFn, options: NerfOptions | None = None,
+                    template: Scene | None = None) -> Scene:
+        """The scored views rendered at their poses (with depth) and an orbit of new
+        views, as a :class:`Scene` (``save`` writes it as an SRN folder)."""
+        o = _opts(options)
+        if template is None:
+            self.check_meta(meta, options)
+            poses = decode_poses(meta["template"]["poses"], len(meta["scored_views"]))
+        else:
+            poses = template.poses[[template.index(v) for v in meta["scored_views"]]]
+        intr = Intrinsics.from_dict(meta["intrinsics"])
+        ids = [int(v) for v in meta["scored_views"]]
+        images, depths = self.render_views(predict, poses, intr)
+        orb = meta["orbit"]
+        elevation = o.orbit_elevation if o.orbit_elevation is not None else orb["elevation"]
+        info = {"kind": "mscn nerf rendering", "scene": meta["name"],
+                "context_views": [int(v) for v in meta["context_views"]],
+                "scored_views": ids, "heldout": bool(meta["heldout"]),
+                "render": dict(self.render_cfg)}
+        orbit = None
+        if o.orbit_views > 0:
+            side = o.orbit_size or intr.height
+            ointr = intr.resized(side, round(side * intr.width / intr.height))
+            opose = scenes.orbit_poses(o.orbit_views, orb["radius"], elevation, orb["up"],
+                                       orb["target"], orb["start"])
+            oimg, odep = self.render_views(predict, opose, ointr)
+            orbit = Scene(f"{meta['name']}_orbit", oimg, opose, ointr,
+                          list(range(o.orbit_views)), depths=odep,
+                          info={"kind": "mscn nerf orbit", "elevation": elevation})
+        return Scene(meta["name"], images, poses, intr, ids, source="mscn reconstruction",
+                     depths=depths, info=info, orbit=orbit)
+
+    def render_views(self, predict: PredictFn, poses: np.ndarray, intr: Intrinsics
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Images ``(V, H, W, 3)`` and depths ``(V, H, W)`` (inf where nothing is hit)."""
+        imgs, deps = [], []
+        for pose in poses:
+            rays = view_rays(pose, intr)
+            coords = np.concatenate([rays, np.ones((len(rays), 1))], 1).astype(np.float32)
+            with torch.no_grad():
+                out = predict(torch.from_numpy(coords)).double().numpy()
+            imgs.append(np.clip(out[:, :3], 0, 1).reshape(intr.height, intr.width, 3))
+            d = np.where(out[:, 4] > 0.5, out[:, 3], np.inf)
+            deps.append(d.reshape(intr.height, intr.width))
+        return np.stack(imgs).astype(np.float32), np.stack(deps).astype(np.float32)
+
+    def save(self, artifacts: list[Scene], path: str | os.PathLike, overwrite: bool = False,
+             provenance: dict | None = None) -> Path:
+        """One scene: an SRN folder at ``path``; several: one sub-folder per scene."""
+        for a in artifacts:
+            a.info = {**a.info, **({"provenance": provenance} if provenance else {})}
+        if len(artifacts) == 1:
+            return scenes.write_srn(artifacts[0], path, overwrite)
+        names = [a.name for a in artifacts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scenes share names ({names}); cannot write one folder each")
+
+        def fill(root: Path) -> None:
+            for a in artifacts:
+                (root / a.name).mkdir()
+                scenes.fill_srn(a, root / a.name)
+
+        return scenes.write_folder_atomic(path, fill, overwrite)
+
+    def view(self, truth: Scene, recon: Scene, path: str | os.PathLike,
+             options: NerfOptions | None = None, overwrite: bool = False,
+             animation: str | os.PathLike | None = None) -> Path:
+        """Truth beside prediction (and depth) for the views both have, PSNR in each
+        title, and the orbit; ``animation``: the orbit as a GIF."""
+        from mscn_viewers import nerf_views
+
+        return nerf_views.view_scene(truth, recon, path, overwrite=overwrite,
+                                     animation=animation)
