@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -185,6 +186,22 @@ class Modality:
         """Write artifacts atomically; ``provenance`` (checkpoint hash, bits per value) is
         for formats that carry attributes."""
         raise NotImplementedError
+
+
+def checkpoint_settings(options: Any, fields: Sequence[str], stored: dict | None) -> dict:
+    """The values of ``fields`` to use: the options' when training or fitting from scratch
+    (``stored`` None), else the checkpoint's ``stored`` ones, because its learned rates
+    were meta-learned with them. A flag set away from its default to another value is
+    ignored with a warning naming it."""
+    given = {k: getattr(options, k) for k in fields}
+    if stored is None:
+        return given
+    changed = [k for k, v in given.items()
+               if v != getattr(type(options), k) and v != stored[k]]
+    if changed:
+        warnings.warn(f"--{changed[0].replace('_', '-')} ignored: the checkpoint was "
+                      f"meta-learned with {changed[0]}={stored[changed[0]]}", stacklevel=3)
+    return {k: stored[k] for k in fields}
 
 
 _DEFAULT_ATTRIBUTES = {"magic": (), "file_extensions": (), "options": None,

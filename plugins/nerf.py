@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mscn_core import limits
-from mscn_core.modality import Field, Modality, PredictFn
+from mscn_core.modality import Field, Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Signal
 from mscn_datasets import scenes
 from mscn_datasets.scenes import Intrinsics, Scene, SceneDataError
@@ -228,17 +227,10 @@ class NerfModality(Modality):
                              f"max_density={o.max_density}")
         if o.views_per_step < 1 or o.rays_per_step < 1:
             raise ValueError("views_per_step and rays_per_step must be >= 1")
-        given = {k: getattr(o, k) for k in self.RENDER_FIELDS}
-        if not self._from_checkpoint:
-            self.render_cfg = given
+        stored = self.render_cfg if self._from_checkpoint else None
+        self.render_cfg = checkpoint_settings(o, self.RENDER_FIELDS, stored)
+        if stored is None:
             self.points_per_step = o.rays_per_step
-            return
-        changed = [k for k, v in given.items()
-                   if v != getattr(NerfOptions, k) and v != self.render_cfg[k]]
-        if changed:
-            warnings.warn(f"--{changed[0].replace('_', '-')} ignored: the checkpoint was "
-                          f"meta-learned with {changed[0]}={self.render_cfg[changed[0]]}",
-                          stacklevel=3)
 
     # -- signals ---------------------------------------------------------------------------
     def split_views(self, scene: Scene, o: NerfOptions) -> tuple[list[int], list[int]]:

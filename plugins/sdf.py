@@ -20,7 +20,6 @@ plus ``near_samples`` surface points jittered at two noise scales. Each step dra
 from __future__ import annotations
 
 import os
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mscn_core import limits
-from mscn_core.modality import Field, Modality, PredictFn
+from mscn_core.modality import Field, Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Batch, Signal
 
 try:  # the shapes extra
@@ -166,16 +165,8 @@ class SdfModality(Modality):
     def _use_loss_options(self, o: SdfOptions) -> None:
         """Training (or fitting from scratch) takes the options; a checkpoint's loss
         wins afterwards, since its learned rates were meta-learned for that loss."""
-        given = {k: getattr(o, k) for k in self.LOSS_FIELDS}
-        if not self._from_checkpoint:
-            self.loss = given
-            return
-        changed = [k for k, v in given.items()
-                   if v != getattr(SdfOptions, k) and v != self.loss[k]]
-        if changed:
-            warnings.warn(f"--{changed[0].replace('_', '-')} ignored: the checkpoint was "
-                          f"meta-learned with {changed[0]}={self.loss[changed[0]]}",
-                          stacklevel=3)
+        self.loss = checkpoint_settings(o, self.LOSS_FIELDS,
+                                        self.loss if self._from_checkpoint else None)
 
     def render(self, field: Field, coords: Tensor) -> Tensor:
         """Signed distance in network units: the raw output less the SIREN's 0.5 offset."""

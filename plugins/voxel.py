@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mscn_core import limits
-from mscn_core.modality import Modality, PredictFn
+from mscn_core.modality import Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Batch, Signal
 
 try:  # the shapes extra
@@ -132,11 +131,8 @@ class VoxelModality(Modality):
     # -- signals ----------------------------------------------------------------------
     def to_signal(self, item: meshes.Shape, options: VoxelOptions | None = None) -> Signal:
         o = _opts(options)
-        if not self._from_checkpoint:
-            self.balance = o.balance
-        elif o.balance not in (VoxelOptions.balance, self.balance):
-            warnings.warn(f"--balance ignored: the checkpoint was meta-learned with "
-                          f"balance={self.balance}", stacklevel=2)
+        stored = {"balance": self.balance} if self._from_checkpoint else None
+        self.balance = checkpoint_settings(o, ("balance",), stored)["balance"]
         occ = np.asarray(item.occupancy, dtype=bool)
         r = occ.shape[0]
         if occ.ndim != 3 or occ.shape != (r, r, r):

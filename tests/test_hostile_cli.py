@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -41,8 +40,6 @@ SEL = ["--var", "t", "--sel", "isobaricInhPa=850", "--sel", "number=8"]  # 4 ite
 SLOW = str(10**6)  # steps that would take many minutes if the check came after them
 FAST_ENOUGH = 30.0  # seconds: a refusal before work, even on a busy 2-core machine
 
-needs_data = pytest.mark.skipif(find_spec("xarray") is None or not CKPT.is_file(),
-                                reason="needs the climate extra and the shipped checkpoint")
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -103,8 +100,6 @@ WRITERS = ["fit", "evaluate", "encode", "decode", "meta-train", "view", "view --
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory) -> Path:
     """A real .mscn stream of 4 held-out fields, encoded by the CLI."""
-    if find_spec("xarray") is None or not CKPT.is_file():
-        pytest.skip("needs the climate extra and the shipped checkpoint")
     out = tmp_path_factory.mktemp("stream") / "t850.mscn"
     assert main(["encode", str(ERA5), *SEL, "--checkpoint", str(CKPT), "-o", str(out)]) == 0
     return out
@@ -155,7 +150,6 @@ def readonly_dir(tmp_path):
         subprocess.run([chattr, "-i", str(d)], check=False)
 
 
-@needs_data
 @pytest.mark.parametrize("command", WRITERS)
 def test_read_only_output_directory_is_refused_before_any_work(capsys, stream, tmp_path,
                                                                readonly_dir, command):
@@ -165,7 +159,6 @@ def test_read_only_output_directory_is_refused_before_any_work(capsys, stream, t
     assert os.listdir(readonly_dir) == []
 
 
-@needs_data
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir("/sys"),
                     reason="shows the creation probe where permission bits say yes (root)")
 def test_root_is_refused_where_the_kernel_refuses_despite_permission_bits(capsys, stream,
@@ -177,7 +170,6 @@ def test_root_is_refused_where_the_kernel_refuses_despite_permission_bits(capsys
 
 # -- row: -o naming a directory; the output directory missing; the output existing ---------
 
-@needs_data
 @pytest.mark.parametrize("command", WRITERS)
 def test_output_that_is_a_directory_is_refused_even_with_overwrite(capsys, stream, tmp_path,
                                                                    command):
@@ -188,7 +180,6 @@ def test_output_that_is_a_directory_is_refused_even_with_overwrite(capsys, strea
         assert f"{target}: is a directory" in line
 
 
-@needs_data
 @pytest.mark.parametrize("command", WRITERS)
 def test_missing_output_directory_is_refused_and_not_created(capsys, stream, tmp_path,
                                                              command):
@@ -199,7 +190,6 @@ def test_missing_output_directory_is_refused_and_not_created(capsys, stream, tmp
     assert TEMP_TAG not in line and not missing.exists()
 
 
-@needs_data
 @pytest.mark.parametrize("command", WRITERS)
 def test_existing_output_and_dangling_symlink_are_refused_without_overwrite(capsys, stream,
                                                                            tmp_path, command):
@@ -217,7 +207,6 @@ def test_existing_output_and_dangling_symlink_are_refused_without_overwrite(caps
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
-@needs_data
 @pytest.mark.parametrize("command", ["encode", "fit"])
 def test_overwrite_replaces_a_dangling_symlink_itself_never_through_it(capsys, tmp_path,
                                                                       command):
@@ -261,7 +250,6 @@ def test_check_output_names_the_path_in_every_refusal(tmp_path):
 
 # -- row: inputs that are directories, missing or unreadable --------------------------------
 
-@needs_data
 def test_input_directory_where_a_file_is_needed(capsys, stream, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -278,7 +266,6 @@ def test_input_directory_where_a_file_is_needed(capsys, stream, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["folder"]
 
 
-@needs_data
 def test_data_folders_are_still_accepted(capsys, tmp_path):
     folder = tmp_path / "data"
     (folder / "nested").mkdir(parents=True)
@@ -289,7 +276,6 @@ def test_data_folders_are_still_accepted(capsys, tmp_path):
     assert json.loads(out)["items"] == 4
 
 
-@needs_data
 def test_missing_inputs_are_named(capsys, stream, tmp_path):
     gone = tmp_path / "gone.nc"
     out = tmp_path / "out.nc"
@@ -309,7 +295,6 @@ def test_missing_inputs_are_named(capsys, stream, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@needs_data
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permission "
                     "bits, so an unreadable input cannot be made here")
 def test_unreadable_input_is_refused(capsys, tmp_path):
@@ -349,7 +334,6 @@ def _slow_writer(target: Path) -> subprocess.Popen:
     return child
 
 
-@needs_data
 def test_kill_9_leaves_a_recognisable_temp_that_the_next_write_removes(capsys, tmp_path):
     target = tmp_path / "t850.mscn"
     child = _slow_writer(target)
@@ -385,7 +369,6 @@ def test_signal_mid_write_removes_the_temp_and_exits_128_plus_n(tmp_path, sig):
     assert os.listdir(tmp_path) == []
 
 
-@needs_data
 def test_sigterm_during_meta_train_exits_143_in_one_line_writing_nothing(tmp_path):
     out = tmp_path / "c.safetensors"
     child = _child("meta-train", "--data", ERA5, *SEL, "--depth", "2", "--width", "8",
@@ -407,7 +390,6 @@ def test_sigterm_during_meta_train_exits_143_in_one_line_writing_nothing(tmp_pat
 
 # -- row: numeric flags checked at parse time -----------------------------------------------
 
-@needs_data
 @pytest.mark.parametrize("command,flag,value,message", [
     ("fit", "--steps", "-5", "must be 0 or more, got -5"),
     ("evaluate", "--steps", "-1", "must be 0 or more, got -1"),
@@ -426,7 +408,6 @@ def test_bad_numbers_are_usage_errors(capsys, tmp_path, command, flag, value, me
     assert os.listdir(tmp_path) == []
 
 
-@needs_data
 def test_steps_zero_is_allowed(capsys):
     rc, out, err = _run(capsys, "evaluate", ERA5, *SEL, "--checkpoint", CKPT, "--steps", "0")
     assert rc == 0, err
@@ -435,7 +416,6 @@ def test_steps_zero_is_allowed(capsys):
 
 # -- one error path: --debug, internal errors, data errors name the file --------------------
 
-@needs_data
 @pytest.mark.parametrize("where", ["after", "before"])
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, stream, tmp_path, where):
     trunc = tmp_path / "trunc.mscn"
@@ -474,7 +454,6 @@ def test_io_errors_name_their_file(capsys):
 
 # -- row: inspect reads streams; closed pipes; --version ------------------------------------
 
-@needs_data
 def test_inspect_reads_an_mscn_stream(capsys, stream):
     rc, out, err = _run(capsys, "inspect", stream)
     assert rc == 0, err
@@ -499,7 +478,6 @@ def test_inspect_reads_an_mscn_stream(capsys, stream):
     assert [it["index"] for it in info["items"]] == [0, 1, 2, 3]
 
 
-@needs_data
 def test_inspect_still_reads_checkpoints_and_refuses_anything_else(capsys, tmp_path):
     rc, out, err = _run(capsys, "inspect", CKPT)
     assert rc == 0 and out.startswith(f"checkpoint  {CKPT}"), err
@@ -513,8 +491,6 @@ def test_inspect_still_reads_checkpoints_and_refuses_anything_else(capsys, tmp_p
 
 @pytest.mark.parametrize("argv", [["modalities"], ["inspect", CKPT], ["--help"]])
 def test_a_closed_stdout_pipe_exits_quietly(argv):
-    if "inspect" in argv and not CKPT.is_file():
-        pytest.skip("needs the shipped checkpoint")
     child = _child(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child.stdout.close()  # the reader is gone before the first byte: `mscn … | head -c 0`
     err = child.stderr.read().decode()
