@@ -317,6 +317,18 @@ class SphereOptions:
     # meta-train: validation fields = --sel plus these (overriding), e.g. number=7;
     # replaces the random split
     val_sel: list[str] = field(default_factory=list)
+    # view: map projection(s) (both: a map and a globe; platecarree, robinson, orthographic)
+    projection: str = "both"
+    # view: longitude at the centre of the maps and globes (degrees east)
+    central_longitude: float = 0.0
+    # view: matplotlib colormap of the truth and reconstruction panels
+    cmap: str = "viridis"
+    # view: lower colour limit of the truth/reconstruction panels (default: robust 2nd pct)
+    vmin: float | None = None
+    # view: upper colour limit (default: robust 98th percentile)
+    vmax: float | None = None
+    # view: which panels, in order, comma-separated: truth,recon,error (e.g. error only)
+    panels: str = "truth,recon,error"
 
     def validation(self) -> SphereOptions | None:
         """Options that select the validation items (None: the core splits at random)."""
@@ -568,10 +580,14 @@ class SphereModality(Modality):
 
         if animation is not None and not overwrite and Path(animation).exists():
             raise FileExistsError(f"{animation} exists; pass --overwrite to replace it")
+        opts = _options(options)
+        look = {"projection": opts.projection, "central_longitude": opts.central_longitude,
+                "cmap": opts.cmap, "vmin": opts.vmin, "vmax": opts.vmax,
+                "panels": opts.panels}
         out = render_globe(truth, recon, path, stats=globe_stats(truth, recon),
-                           overwrite=overwrite)
+                           overwrite=overwrite, **look)
         if animation is not None:
-            rotating_globe_gif(recon, animation, overwrite=overwrite)
+            rotating_globe_gif(recon, animation, overwrite=overwrite, truth=truth, **look)
         return out
 
 
