@@ -11,12 +11,18 @@ layout (names, order, attrs, item coordinates) so that a round trip is exact.
 Main entry points::
 
     ds = open_climate(path)
-    da = select_fields(ds, var="t", sel={"isobaricInhPa": 850})
+    da = select_fields(ds, var="t", sel={"isobaricInhPa": 850})   # exact match by default
     for field in iter_fields(da):
         values, lat, lon, info = normalize_field(field)
         ...
         restored = restore_layout(values, field)
     write_netcdf(stack_fields(restored_fields), "out.nc")
+
+    fields = field_items([path], var=None)       # every gridded variable, file order
+    write_netcdf(stack_variables(fields), "out.nc", history="mscn fit ...")
+
+Written files keep the input's format, attributes, fill values, packing, time encoding
+and unlimited dims; :func:`portable_encoding` carries what a decoder needs for that.
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import json
+import math
 import os
+import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from mscn_core.atomic import write_atomic
@@ -50,6 +60,14 @@ __all__ = [
     "regular_latlon_shape",
     "restore_layout",
     "select_fields",
+    "select_variables",
+    "SEL_RTOL",
+    "SEL_METHODS",
+    "NETCDF_FORMATS",
+    "portable_encoding",
+    "apply_portable_encoding",
+    "check_portable_encoding",
+    "stack_variables",
     "stack_fields",
     "write_netcdf",
 ]
@@ -60,6 +78,11 @@ _ENC_DIMS = "mscn_dims"
 _ENC_ITEM_DIMS = "mscn_item_dims"
 _ENC_GLOBAL_ATTRS = "mscn_global_attrs"
 _ENC_TIME = "mscn_time_decoding"
+_ENC_FORMAT = "mscn_format"  # the input's netCDF data model (zarr input: NETCDF4)
+_ENC_UNLIMITED = "mscn_unlimited_dims"
+_ENC_INDEX_DIMS = "mscn_index_dims"  # item dims that had no coordinate in the input
+
+NETCDF_FORMATS = ("NETCDF4", "NETCDF4_CLASSIC", "NETCDF3_64BIT_OFFSET", "NETCDF3_CLASSIC")
 
 # Relative tolerance on grid spacing (fraction of the spacing).
 GRID_RTOL = 1e-3
@@ -96,6 +119,22 @@ def _zarr_consolidated(path: Path) -> bool:
     return False
 
 
+def _data_model(path: Path, engine: str | None) -> str:
+    """The file's netCDF format (reads the header only), so output keeps it."""
+    if engine == "zarr":
+        return "NETCDF4"
+    try:
+        import netCDF4
+
+        with netCDF4.Dataset(path) as nc:
+            model = str(nc.data_model)
+    except Exception:  # noqa: BLE001 - h5netcdf-only or odd files: the netCDF-4 default
+        return "NETCDF4"
+    if model == "NETCDF3_64BIT_DATA":  # CDF-5: netCDF4 writes it, xarray does not
+        return "NETCDF4"
+    return model if model in NETCDF_FORMATS else "NETCDF4"
+
+
 def open_climate(path: str | os.PathLike[str], engine: str | None = None) -> xr.Dataset:
     """Open a NetCDF file or zarr store as an xarray Dataset.
 
@@ -125,12 +164,16 @@ def open_climate(path: str | os.PathLike[str], engine: str | None = None) -> xr.
     first_error: Exception | None = None
     for label, extra in attempts:
         try:
-            ds = xr.open_dataset(p, **kwargs, **extra)
+            with warnings.catch_warnings():
+                if label == "default":  # e.g. dates before 1582: cftime, without a warning
+                    warnings.simplefilter("error", xr.SerializationWarning)
+                ds = xr.open_dataset(p, **kwargs, **extra)
         except Exception as exc:  # noqa: BLE001 - any backend error means "try next"
             if first_error is None:
                 first_error = exc
             continue
         ds.encoding[_ENC_TIME] = label
+        ds.encoding[_ENC_FORMAT] = _data_model(p, kwargs.get("engine"))
         return ds
     raise ClimateDataError(
         f"cannot open {str(p)!r} as NetCDF/zarr: {type(first_error).__name__}: {first_error}"
@@ -249,9 +292,17 @@ def parse_sel(items: Sequence[str] | None) -> dict[str, Any]:
 
 _LEVEL_ALIASES = {"level", "lev", "plev", "pressure", "pressure_level", "levelist"}
 
+# Exact selection: a numeric coordinate value c matches an asked value w when
+# |c - w| <= SEL_RTOL * max(1, |w|) (forgives 850 vs 850.0000001, not 700 vs 850).
+SEL_RTOL = 1e-6
+SEL_METHODS = ("exact", "nearest")
 
-def _resolve_sel_key(da: xr.DataArray, key: str) -> str:
+
+def _resolve_sel_key(da: xr.DataArray, key: str) -> str | None:
+    """The dimension (or scalar coordinate) of ``da`` that ``key`` names, else None."""
     if key in da.dims:
+        return key
+    if key in da.coords and da[key].ndim == 0:
         return key
     lower = {str(d).lower(): str(d) for d in da.dims}
     if key.lower() in lower:
@@ -267,123 +318,274 @@ def _resolve_sel_key(da: xr.DataArray, key: str) -> str:
                 or ds_name.startswith("lev")
             ):
                 return str(d)
-    raise ClimateDataError(
-        f"cannot select {key!r} on variable {da.name!r}: it has dims {list(da.dims)}"
-    )
+    return None
 
 
-def _check_scalar(coord: xr.DataArray, value: Any) -> None:
-    wanted = value if isinstance(value, list) else [value]
-    have = coord.values.item() if coord.values.dtype.kind in "iufb" else coord.values
-    ok = any(
-        (isinstance(w, int | float) and np.isclose(float(w), float(have))) or str(w) == str(have)
-        for w in wanted
-    )
-    if not ok:
+def _fmt_value(v: Any) -> str:
+    """A coordinate value as a user would type it (850, 2.5, 2017-01-01T12:00:00)."""
+    if isinstance(v, np.datetime64):
+        return "NaT" if np.isnat(v) else pd.Timestamp(v).isoformat()
+    if isinstance(v, np.timedelta64):
+        return "NaT" if np.isnat(v) else str(pd.Timedelta(v))
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return f"{v:.10g}"
+    if _is_cftime(v):
+        return str(v.isoformat())
+    return str(v)
+
+
+def _available(vals: np.ndarray) -> str:
+    flat = np.asarray(vals).ravel()
+    shown = ", ".join(_fmt_value(v) for v in flat[:10])
+    return f"[{shown}{', ...' if flat.size > 10 else ''}] ({flat.size} values)"
+
+
+def _is_cftime(v: Any) -> bool:
+    return type(v).__module__.split(".")[0] == "cftime"
+
+
+_ISO = re.compile(
+    r"^\s*(-?\d{1,4})-(\d{1,2})(?:-(\d{1,2}))?"
+    r"(?:[T ](\d{1,2})(?::(\d{1,2})(?::(\d{1,2})(?:\.(\d{1,6}))?)?)?)?\s*$"
+)
+
+
+def _cftime_value(text: Any, like: Any, dim: str) -> Any:
+    """``text`` (ISO date) as a cftime date in the calendar of ``like``."""
+    m = _ISO.match(str(text))
+    if not isinstance(text, str) or m is None:
         raise ClimateDataError(
-            f"selection {coord.name}={value!r} matches nothing: {coord.name} is {have!r} here"
+            f"selection {dim}={text!r}: {dim} is a date coordinate; give an ISO date "
+            "like 2017-01-01T12:00"
         )
-
-
-def _check_near(coord: xr.DataArray, wanted: list, got: np.ndarray, dim: str) -> None:
-    """Nearest match forgives rounding (850 vs 850.0001), not a value off the axis."""
-    vals = np.asarray(coord.values, dtype=np.float64)
-    spacing = float(np.min(np.abs(np.diff(np.unique(vals))))) if vals.size > 1 else 0.0
-    tol = max(0.5 * spacing, 1e-6 * max(1.0, float(np.max(np.abs(vals)))))
-    for w, g in zip(wanted, got, strict=True):
-        if abs(float(w) - float(g)) > tol:
-            raise ClimateDataError(
-                f"selection {dim}={w!r} matches nothing (nearest is {g!r}); "
-                f"{dim} values: {vals[:10].tolist()}"
-            )
-
-
-def _sel_one(da: xr.DataArray, dim: str, value: Any) -> xr.DataArray:
-    if dim not in da.coords:
-        if isinstance(value, int | list):
-            return da.isel({dim: value})
-        raise ClimateDataError(f"dimension {dim!r} has no coordinate; select it by integer index")
-    coord = da[dim]
-    numeric = np.issubdtype(coord.dtype, np.number)
+    y, mo, d, h, mi, s, us = (int(x) if x else 0 for x in m.groups())
     try:
-        if numeric:
-            vals = value if isinstance(value, list) else [value]
-            if not all(isinstance(v, int | float) for v in vals):
-                raise ClimateDataError(
-                    f"selection {dim}={value!r}: coordinate {dim!r} is numeric "
-                    f"({coord.values.tolist()[:10]}...)"
-                )
-            out = da.sel({dim: value}, method="nearest")
-            _check_near(coord, vals, np.atleast_1d(out[dim].values), dim)
-            return out
-        return da.sel({dim: value})
-    except KeyError as exc:
-        shown = coord.values[:10].tolist()
-        raise ClimateDataError(
-            f"selection {dim}={value!r} matches nothing on {da.name!r}; {dim} values: {shown}"
-        ) from exc
+        return type(like)(y, mo, d or 1, h, mi, s, us, calendar=like.calendar)
+    except (ValueError, TypeError) as err:
+        raise ClimateDataError(f"selection {dim}={text!r}: not a date here ({err})") from None
 
 
-def select_fields(
-    ds: xr.Dataset | xr.DataArray,
-    var: str | None = None,
-    sel: Mapping[str, Any] | Sequence[str] | None = None,
-) -> xr.DataArray:
-    """Choose one variable and optional item selection; return (..., lat, lon) DataArray.
+def _sel_keys(vals: np.ndarray, w: Any, dim: str) -> tuple[np.ndarray, float, str]:
+    """Coordinate values and the asked one as comparable numbers, and the kind of axis.
 
-    Why: a file holds several variables and item dims (members, times, levels); the
-    codec sees one variable at a time, as a stack of 2-D fields.  With ``var=None`` the
-    single data variable on a lat/lon grid is taken (ambiguity is an error listing the
-    candidates).  Numeric coords use nearest match.  Original names and attrs are kept.
+    Kinds: "num" (relative tolerance applies), "time" (exact instants; a string is one
+    instant, never pandas' partial-string range), "str" (exact text).
     """
-    if isinstance(ds, xr.DataArray):
-        da = ds
-    else:
-        if var is None:
-            gridded = []
-            for name, v in ds.data_vars.items():
-                try:
-                    find_lat_lon(v)
-                except ClimateDataError:
-                    continue
-                gridded.append(str(name))
-            if not gridded:
-                raise ClimateDataError(
-                    f"no data variable on a latitude/longitude grid; variables: "
-                    f"{sorted(map(str, ds.data_vars))}"
-                )
-            if len(gridded) > 1:
-                raise ClimateDataError(
-                    f"several gridded variables {gridded}; choose one with var=..."
-                )
-            var = gridded[0]
-        if var not in ds.data_vars:
-            src = ds.encoding.get("source", "dataset")
+    kind = vals.dtype.kind
+    if kind in "iuf":
+        if isinstance(w, bool) or not isinstance(w, int | float | np.integer | np.floating):
             raise ClimateDataError(
-                f"variable {var!r} not found in {src}; available variables: "
+                f"selection {dim}={w!r}: {dim} is numeric; {dim} values: {_available(vals)}"
+            )
+        return vals.astype(np.float64), float(w), "num"
+    if kind in "Mm":
+        unit = "datetime64[ns]" if kind == "M" else "timedelta64[ns]"
+        if isinstance(w, bool | int | float | np.number):
+            raise ClimateDataError(
+                f"selection {dim}={w!r}: {dim} is a {'date' if kind == 'M' else 'duration'} "
+                "coordinate; give e.g. 2017-01-01T12:00" + ("" if kind == "M" else " or 6h")
+            )
+        try:
+            t = (pd.Timestamp(w) if kind == "M" else pd.Timedelta(w)).to_numpy()
+        except (ValueError, TypeError, OverflowError) as err:
+            raise ClimateDataError(f"selection {dim}={w!r}: not a time ({err})") from None
+        if kind == "M" and pd.Timestamp(w).tzinfo is not None:
+            t = pd.Timestamp(w).tz_convert(None).to_numpy()
+        x = vals.astype(unit).astype(np.int64).astype(np.float64)
+        return x, float(np.asarray(t).astype(unit).astype(np.int64)), "time"
+    if vals.size and _is_cftime(vals.flat[0]):
+        target = _cftime_value(w, vals.flat[0], dim)
+        x = np.array([(v - target).total_seconds() for v in vals.ravel()], dtype=np.float64)
+        return x, 0.0, "time"
+    text = np.array([str(v) for v in vals.ravel()], dtype=object)
+    return (text == str(w)).astype(np.float64) * -1.0, -1.0, "str"
+
+
+def _match(vals: np.ndarray, w: Any, dim: str, method: str, what: str,
+           notes: set[str]) -> int:
+    """Index of the coordinate value that the asked value ``w`` selects."""
+    x, t, kind = _sel_keys(vals, w, dim)
+    if x.size == 0:
+        raise ClimateDataError(f"selection {dim}={_fmt_value(w)} on {what}: {dim} is empty")
+    dist = np.abs(x - t)
+    i = int(np.nanargmin(dist)) if np.isfinite(dist).any() else 0
+    tol = SEL_RTOL * max(1.0, abs(t)) if kind == "num" else 0.0
+    if dist[i] <= tol:
+        return i
+    if method == "nearest" and kind != "str":
+        uniq = np.unique(x[np.isfinite(x)])
+        spacing = float(np.min(np.diff(uniq))) if uniq.size > 1 else 0.0
+        if dist[i] <= max(0.5 * spacing, tol):
+            note = f"{dim}={_fmt_value(w)}: nearest is {_fmt_value(vals.ravel()[i])}"
+            if note not in notes:
+                notes.add(note)
+                warnings.warn(note, UserWarning, stacklevel=4)
+            return i
+        raise ClimateDataError(
+            f"selection {dim}={_fmt_value(w)} on {what} matches nothing (nearest "
+            f"{_fmt_value(vals.ravel()[i])} is more than half a spacing away); "
+            f"{dim} values: {_available(vals)}"
+        )
+    how = (f"exact match within {SEL_RTOL:g} relative" if kind == "num"
+           else "exact match")
+    raise ClimateDataError(
+        f"selection {dim}={_fmt_value(w)} matches no {dim} value of {what} ({how}); "
+        f"{dim} values: {_available(vals)}"
+    )
+
+
+def _sel_one(da: xr.DataArray, dim: str, value: Any, method: str,
+             notes: set[str]) -> xr.DataArray:
+    many = isinstance(value, list | tuple)
+    wanted = list(value) if many else [value]
+    what = repr(str(da.name))
+    if dim not in da.dims:  # a scalar coordinate: selected already (e.g. a written recon)
+        vals = np.atleast_1d(da[dim].values)
+        for w in wanted:
+            _match(vals, w, dim, method, what, notes)
+        return da
+    if dim not in da.coords:
+        n = da.sizes[dim]
+        if all(isinstance(w, int) and not isinstance(w, bool) and -n <= w < n for w in wanted):
+            return da.isel({dim: wanted if many else wanted[0]})
+        raise ClimateDataError(
+            f"selection {dim}={value!r} on {what}: {dim!r} has no coordinate; select it by "
+            f"integer index 0..{n - 1}"
+        )
+    vals = np.asarray(da[dim].values)
+    idx = [_match(vals, w, dim, method, what, notes) for w in wanted]
+    return da.isel({dim: idx if many else idx[0]})
+
+
+def _gridded_variables(ds: xr.Dataset) -> list[str]:
+    """Data variables on a lat/lon grid, in file order; CF cell bounds are not fields."""
+    bounds = {str(v.attrs.get("bounds", v.encoding.get("bounds", "")))
+              for v in ds.variables.values()}
+    out = []
+    for name, v in ds.data_vars.items():
+        if str(name) in bounds:
+            continue
+        try:
+            find_lat_lon(v)
+        except ClimateDataError:
+            continue
+        out.append(str(name))
+    return out
+
+
+def _variable_names(ds: xr.Dataset, var: str | Sequence[str] | None) -> list[str]:
+    if var is None:
+        names = _gridded_variables(ds)
+        if not names:
+            raise ClimateDataError(
+                f"no data variable on a latitude/longitude grid; variables: "
                 f"{sorted(map(str, ds.data_vars))}"
             )
-        da = ds[var].copy(deep=False)  # own encoding dict: do not touch the Dataset's
+        return names
+    names = [var] if isinstance(var, str) else list(dict.fromkeys(var))
+    if not names:
+        raise ClimateDataError("no variable chosen (empty list)")
+    for name in names:
+        if not isinstance(name, str) or name not in ds.data_vars:
+            src = ds.encoding.get("source", "dataset")
+            raise ClimateDataError(
+                f"variable {name!r} not found in {src}; available variables: "
+                f"{sorted(map(str, ds.data_vars))}"
+            )
+    return names
+
+
+def _prepare(da: xr.DataArray, ds: xr.Dataset | None) -> xr.DataArray:
+    da = da.copy(deep=False)  # own encoding dict: do not touch the Dataset's
+    if ds is not None:
         da.encoding[_ENC_GLOBAL_ATTRS] = dict(ds.attrs)
+        for key in (_ENC_FORMAT,):
+            if key in ds.encoding:
+                da.encoding[key] = ds.encoding[key]
+        unlimited = ds.encoding.get("unlimited_dims") or ()
+        da.encoding[_ENC_UNLIMITED] = tuple(str(d) for d in ds.dims if d in unlimited)
+    return da
+
+
+def _finish(da: xr.DataArray) -> xr.DataArray:
     lat, lon = find_lat_lon(da)
-    if sel:
-        if not isinstance(sel, Mapping):
-            sel = parse_sel(list(sel))
-        for key, value in sel.items():
-            if str(key) in da.coords and da[str(key)].ndim == 0 and str(key) not in da.dims:
-                _check_scalar(da[str(key)], value)  # already selected (e.g. a written recon)
-                continue
-            dim = _resolve_sel_key(da, str(key))
-            if dim in (lat, lon):
-                raise ClimateDataError(
-                    f"cannot select on {dim!r}: fields must stay global lat/lon grids"
-                )
-            da = _sel_one(da, dim, value)
     others = [d for d in da.dims if d not in (lat, lon)]
     da = da.transpose(*others, lat, lon)
     da.encoding[_ENC_DIMS] = tuple(map(str, da.dims))
     da.encoding[_ENC_ITEM_DIMS] = tuple(map(str, others))
     return da
+
+
+def select_variables(
+    ds: xr.Dataset | xr.DataArray,
+    var: str | Sequence[str] | None = None,
+    sel: Mapping[str, Any] | Sequence[str] | None = None,
+    sel_method: str = "exact",
+) -> list[xr.DataArray]:
+    """Choose variables and an item selection; one (..., lat, lon) DataArray per variable.
+
+    Why: a file holds several variables and item dims (members, times, levels); the
+    codec sees each variable as a stack of 2-D fields.  ``var=None`` takes every data
+    variable on a lat/lon grid in file order; a string or list takes those (duplicates
+    dropped).  Each selection applies to every chosen variable with that dimension; one
+    that no chosen variable has is an error.  ``sel_method="exact"`` (default): numeric
+    values match within ``SEL_RTOL`` (1e-6) relative to max(1, |value|), dates and
+    strings match exactly, else :class:`ClimateDataError` lists the available values.
+    ``"nearest"`` takes the nearest value (no farther than half a spacing) and warns
+    ``"isobaricInhPa=700: nearest is 850"`` when it differs.
+    """
+    if sel_method not in SEL_METHODS:
+        raise ClimateDataError(f"sel_method must be one of {SEL_METHODS}, got {sel_method!r}")
+    if isinstance(ds, xr.DataArray):
+        arrays = [_prepare(ds, None)]
+    else:
+        arrays = [_prepare(ds[name], ds) for name in _variable_names(ds, var)]
+    grids = [find_lat_lon(a) for a in arrays]
+    if sel and not isinstance(sel, Mapping):
+        sel = parse_sel(list(sel))
+    notes: set[str] = set()
+    for key, value in (sel or {}).items():
+        used = False
+        for i, (a, (lat, lon)) in enumerate(zip(arrays, grids, strict=True)):
+            dim = _resolve_sel_key(a, str(key))
+            if dim is None:
+                continue
+            if dim in (lat, lon):
+                raise ClimateDataError(
+                    f"cannot select on {dim!r}: fields must stay global lat/lon grids"
+                )
+            arrays[i] = _sel_one(a, dim, value, sel_method, notes)
+            used = True
+        if not used:
+            dims = {str(a.name): list(map(str, a.dims)) for a in arrays}
+            raise ClimateDataError(
+                f"cannot select {str(key)!r}: no chosen variable has it (dims: {dims})"
+            )
+    return [_finish(a) for a in arrays]
+
+
+def select_fields(
+    ds: xr.Dataset | xr.DataArray,
+    var: str | Sequence[str] | None = None,
+    sel: Mapping[str, Any] | Sequence[str] | None = None,
+    sel_method: str = "exact",
+) -> xr.DataArray:
+    """One variable as a (..., lat, lon) DataArray; see :func:`select_variables`.
+
+    Why one: callers that handle a single variable (viewers, the accessor) should not
+    get a list.  ``var=None`` with several gridded variables is an error naming them.
+    """
+    if isinstance(ds, xr.Dataset):
+        names = _variable_names(ds, var)
+        if len(names) > 1:
+            raise ClimateDataError(
+                f"several gridded variables {names}; choose one with var=... "
+                "(select_variables/field_items take them all)"
+            )
+        var = names[0]
+    return select_variables(ds, var, sel, sel_method)[0]
 
 
 def iter_fields(da: xr.DataArray) -> Iterator[xr.DataArray]:
@@ -392,38 +594,49 @@ def iter_fields(da: xr.DataArray) -> Iterator[xr.DataArray]:
     Each field keeps the item dims as scalar coords (e.g. number=3, time=...,
     isobaricInhPa=850) so its identity travels with it and :func:`stack_fields` can
     rebuild the original array.  Item dims without a coordinate get an integer index
-    coordinate (0..n-1) so that the identity is still known.
+    coordinate (0..n-1) so that the identity is still known; stack_fields drops it again.
     """
     lat, lon = find_lat_lon(da)
     item_dims = [str(d) for d in da.dims if d not in (lat, lon)]
     missing = {d: np.arange(da.sizes[d]) for d in item_dims if d not in da.coords}
+    index_dims = tuple(da.encoding.get(_ENC_INDEX_DIMS, ())) + tuple(missing)
     if missing:
+        enc = dict(da.encoding)
         da = da.assign_coords(missing)
+        da.encoding = enc
     dims_order = da.encoding.get(_ENC_DIMS, tuple(map(str, da.dims)))
     shape = [da.sizes[d] for d in item_dims]
     for idx in np.ndindex(*shape):
         field = da.isel(dict(zip(item_dims, idx, strict=True)))
         field.encoding[_ENC_ITEM_DIMS] = tuple(item_dims)
         field.encoding[_ENC_DIMS] = tuple(dims_order)
+        if index_dims:
+            field.encoding[_ENC_INDEX_DIMS] = index_dims
         yield field
 
 
 def field_items(
     paths: Iterable[str | os.PathLike[str]],
-    var: str | None = None,
+    var: str | Sequence[str] | None = None,
     sel: Mapping[str, Any] | Sequence[str] | None = None,
+    sel_method: str = "exact",
 ) -> list[xr.DataArray]:
-    """All 2-D fields of ``var`` (after ``sel``) from several files, loaded in memory."""
+    """All 2-D fields of the chosen variables (after ``sel``) from several files, loaded.
+
+    ``var``/``sel``/``sel_method`` as in :func:`select_variables` (``var=None``: every
+    gridded variable).  Fields come file by file, variable by variable in the chosen
+    order; each keeps its own variable's attrs and encoding.
+    """
     out: list[xr.DataArray] = []
     for path in paths:
         with open_climate(path) as ds:
-            da = select_fields(ds, var=var, sel=sel)
-            try:  # load now: a damaged file fails here, before any expensive work
-                da = da.load()
-            except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
-                raise ClimateDataError(f"{path}: cannot read variable {da.name}: {err} "
-                                       "(corrupted file?)") from None
-            out.extend(iter_fields(da))
+            for da in select_variables(ds, var=var, sel=sel, sel_method=sel_method):
+                try:  # load now: a damaged file fails here, before any expensive work
+                    da = da.load()
+                except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
+                    raise ClimateDataError(f"{path}: cannot read variable {da.name}: {err} "
+                                           "(corrupted file?)") from None
+                out.extend(iter_fields(da))
     return out
 
 
@@ -694,9 +907,13 @@ def field_to_dataarray(
         name=template_field2d.name,
         attrs=dict(template_field2d.attrs),
     )
-    da.encoding.update(
-        {k: v for k, v in template_field2d.encoding.items() if k.startswith("mscn_")}
-    )
+    # the file's format, fill values, packing and compression hold on any grid
+    da.encoding.update({k: v for k, v in template_field2d.encoding.items()
+                        if k.startswith("mscn_") or k in _VAR_ENC and k != "chunksizes"})
+    for d in (tlat, tlon):
+        if d in template_field2d.coords:
+            da[d].encoding = {k: v for k, v in template_field2d[d].encoding.items()
+                              if k in ("dtype", "_FillValue")}
     return da
 
 
@@ -790,8 +1007,12 @@ def stack_fields(
     for d in item_dims:
         c0 = first[d]
         coords[d] = xr.Variable(d, np.array(uniq[d], dtype=c0.dtype), c0.attrs, c0.encoding)
-    coords[lat] = first[lat].variable.copy()
-    coords[lon] = first[lon].variable.copy()
+    for d in (lat, lon):
+        if d in first.coords:  # a dim without coordinate variable stays without one
+            coords[d] = first[d].variable.copy()
+    for name, c in first.coords.items():  # e.g. 2-D lat/lon of a curvilinear grid
+        if c.ndim and str(name) not in coords and set(c.dims) <= {lat, lon}:
+            coords[str(name)] = c.variable.copy()
     # other scalar coords: constant -> scalar, else along the dims they vary with
     for name, c in first.coords.items():
         name = str(name)
@@ -821,8 +1042,11 @@ def stack_fields(
     dims_order = first.encoding.get(_ENC_DIMS)
     if dims_order and set(dims_order) == set(da.dims):
         da = da.transpose(*dims_order)
+    synthetic = [d for d in first.encoding.get(_ENC_INDEX_DIMS, ()) if d in da.coords]
+    if synthetic:  # index coords iter_fields made up: the input had none
+        da = da.drop_vars(synthetic)
     da.encoding.update({k: v for k, v in first.encoding.items() if k.startswith("mscn_")})
-    for k in ("dtype", "_FillValue", "missing_value"):
+    for k in _VAR_ENC + ("coordinates",):
         if k in first.encoding:
             da.encoding[k] = first.encoding[k]
     return da
@@ -832,80 +1056,551 @@ def _nan_ok(arr: np.ndarray) -> bool:
     return np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating)
 
 
-_KEEP_ENCODING = ("_FillValue", "missing_value", "dtype", "units", "calendar",
-                  "scale_factor", "add_offset")
+def stack_variables(fields: Sequence[xr.DataArray]) -> list[xr.DataArray]:
+    """Fields of several variables -> one stacked N-D DataArray per variable.
+
+    Why: field_items returns the fields of every chosen variable in one list; writing
+    them back needs one array per variable (in order of first appearance).
+    """
+    groups: dict[str, list[xr.DataArray]] = {}
+    for f in fields:
+        groups.setdefault(str(f.name), []).append(f)
+    out = []
+    for group in groups.values():
+        try:
+            out.append(stack_fields(group))
+        except ClimateDataError:
+            if len(group) > 1:
+                raise
+            out.append(group[0])  # one field without item identity: nothing to stack
+    return out
 
 
-def _clean_encoding(var: xr.Variable, is_coord: bool, engine: str) -> dict[str, Any]:
+# encoding keys kept for data variables and for coordinates
+_VAR_ENC = ("dtype", "_FillValue", "missing_value", "scale_factor", "add_offset",
+            "zlib", "complevel", "shuffle", "chunksizes", "contiguous")
+_COORD_ENC = ("dtype", "_FillValue", "missing_value", "scale_factor", "add_offset",
+              "units", "calendar")
+_DEFAULT_COMPRESSION = {"zlib": True, "complevel": 4, "shuffle": True}
+
+
+def _to_dataset(obj: Any) -> xr.Dataset:
+    """The Dataset to write: a DataArray, a Dataset or a list of DataArrays (variables)."""
+    if isinstance(obj, xr.Dataset):
+        ds = obj.copy()
+        for k, v in obj.variables.items():
+            ds[k].encoding = dict(v.encoding)
+        return ds
+    arrays = [obj] if isinstance(obj, xr.DataArray) else obj
+    if not isinstance(arrays, list | tuple) or not arrays or not all(
+        isinstance(a, xr.DataArray) for a in arrays
+    ):
+        raise TypeError(
+            "write_netcdf needs an xarray DataArray, Dataset or a non-empty list of "
+            f"DataArrays, got {type(obj).__name__}"
+        )
+    names = [str(a.name) if a.name is not None else "field" for a in arrays]
+    if len(set(names)) != len(names):
+        raise ClimateDataError(f"several arrays named {names}: stack each variable first")
+    parts = [a.to_dataset(name=n) for a, n in zip(arrays, names, strict=True)]
+    ds = parts[0] if len(parts) == 1 else xr.merge(
+        parts, compat="no_conflicts", join="outer", combine_attrs="override"
+    )
+    for a, n in zip(arrays, names, strict=True):  # merge may drop encodings
+        ds[n].encoding = dict(a.encoding)
+        for c, cv in a.coords.items():
+            if c in ds.coords and not ds[c].encoding and cv.encoding:
+                ds[c].encoding = dict(cv.encoding)
+    first = arrays[0].encoding
+    ds.attrs = dict(first.get(_ENC_GLOBAL_ATTRS, {}))
+    ds.encoding = {k: v for k, v in first.items() if k in (_ENC_FORMAT, _ENC_GLOBAL_ATTRS)}
+    unlimited: list[str] = []
+    for a in arrays:
+        unlimited += [d for d in a.encoding.get(_ENC_UNLIMITED, ()) if d not in unlimited]
+    ds.encoding["unlimited_dims"] = unlimited
+    return ds
+
+
+def _grid_chunks(var: xr.Variable, ds: xr.Dataset) -> tuple[int, ...] | None:
+    """One chunk per 2-D field: 1 along every item dim, the whole (lat, lon) grid."""
+    try:
+        lat, lon = find_lat_lon(xr.DataArray(var, coords={
+            d: ds[d].variable for d in var.dims if d in ds.coords}))
+    except ClimateDataError:
+        return None
+    return tuple(var.sizes[d] if d in (lat, lon) else 1 for d in var.dims)
+
+
+def _var_encoding(name: str, ds: xr.Dataset, fmt: str, known: bool) -> dict[str, Any]:
+    var = ds.variables[name]
     enc_in = var.encoding
+    is_coord = name in ds.coords
+    is_time = var.dtype.kind in "Mm" or (var.dtype == object and var.size > 0
+                                          and _is_cftime(var.values.flat[0]))
+    keys = _COORD_ENC if is_coord else _VAR_ENC + ("units", "calendar")
     enc: dict[str, Any] = {}
-    is_time = var.dtype.kind in "Mm" or var.dtype == object
-    integer_target = np.dtype(enc_in.get("dtype", var.dtype)).kind in "iu"
-    for k in _KEEP_ENCODING:
-        if k not in enc_in:
+    for k in keys:
+        if k not in enc_in or k in ("zlib", "complevel", "shuffle", "chunksizes", "contiguous"):
             continue
         if k in ("units", "calendar") and not is_time:
             continue
-        if k in ("scale_factor", "add_offset") and not integer_target:
-            continue
-        if k == "dtype":
-            target = np.dtype(enc_in[k])
-            # never pack floats into integers without scale_factor, never change time dtype
-            if is_time or (target.kind in "iu" and var.dtype.kind == "f"
-                           and "scale_factor" not in enc_in):
-                continue
         enc[k] = enc_in[k]
-    if is_coord and "_FillValue" not in enc:
-        enc["_FillValue"] = None
-    if not is_coord and var.ndim >= 2 and engine == "netcdf4":
-        enc.update(zlib=True, complevel=4, shuffle=True)
+    if "dtype" in enc:
+        target = np.dtype(enc["dtype"])
+        packed = any(k in enc for k in ("scale_factor", "add_offset"))
+        masked = any(k in enc for k in ("_FillValue", "missing_value"))
+        if var.dtype.kind in "Mm":
+            if target.kind not in "iuf":
+                del enc["dtype"]
+        elif target.kind in "iu" and var.dtype.kind == "f" and not packed and not masked:
+            if np.isnan(var.values).any():  # NaN with no fill value cannot be an integer
+                del enc["dtype"]
+        elif target.kind not in "biuf" or var.dtype.kind not in "biuf":
+            del enc["dtype"]
+    if "_FillValue" not in enc and (is_coord or known):
+        enc["_FillValue"] = None  # never add a fill value the input did not have
+    if fmt.startswith("NETCDF4") and not is_coord and var.ndim >= 2:
+        if "zlib" in enc_in:
+            enc["zlib"] = bool(enc_in["zlib"])
+            if enc["zlib"]:
+                enc["complevel"] = int(enc_in.get("complevel") or 0)
+            enc["shuffle"] = bool(enc_in.get("shuffle", False))
+        elif not known or "chunksizes" not in enc_in:
+            enc.update(_DEFAULT_COMPRESSION)
+        chunks = _grid_chunks(var, ds)
+        if chunks is not None:
+            enc["chunksizes"] = chunks
     return enc
 
 
+def _coordinates_attr(ds: xr.Dataset, name: str) -> str | None:
+    """The input's ``coordinates`` attribute (cfgrib lists dimension coordinates too),
+    less what is not written, plus non-dimension coordinates it did not name."""
+    var = ds[name]
+    old = var.encoding.get("coordinates")
+    if not isinstance(old, str):
+        return None
+    names = [c for c in old.split() if c in ds.variables]
+    extra = [str(c) for c in var.coords if c not in var.dims and str(c) not in names]
+    return " ".join(names + extra) or None
+
+
+def _encode_times(ds: xr.Dataset, encoding: dict[str, dict[str, Any]]) -> xr.Dataset:
+    """Encode dates with the input's units string verbatim and no calendar it lacked.
+
+    Why: xarray rewrites ``hour since 1980-01-14 14:00:00`` as ``hours since
+    1980-01-14T14:00:00`` and adds ``calendar``; readers comparing headers see a change.
+    Dates that do not encode exactly (or with a warning) are left to xarray.
+    """
+    from xarray.coding.times import decode_cf_datetime, encode_cf_datetime
+
+    for name, enc in encoding.items():
+        var = ds.variables[name]
+        values = var.values
+        dates = var.dtype.kind == "M" or (var.dtype == object and var.size > 0
+                                          and _is_cftime(values.flat[0]))
+        if not dates or "units" not in enc or np.asarray(pd.isna(values)).any():
+            continue
+        units, calendar = str(enc["units"]), enc.get("calendar")
+        target = np.dtype(enc.get("dtype", np.float64))
+        if target.kind not in "iuf":
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                num, _, _ = encode_cf_datetime(values, units, calendar or "standard",
+                                               dtype=target)
+                num = np.asarray(num).astype(target)
+                back = decode_cf_datetime(num, units, calendar or "standard",
+                                          use_cftime=var.dtype == object)
+        except Exception:  # noqa: BLE001 - anything odd: xarray's own encoding
+            continue
+        if not np.array_equal(np.asarray(back).ravel(), values.ravel()):
+            continue
+        attrs = dict(var.attrs, units=units)
+        if calendar is not None:
+            attrs["calendar"] = calendar
+        new = xr.Variable(var.dims, num.reshape(var.shape), attrs)
+        if name in ds.coords:
+            ds = ds.assign_coords({name: new})
+        else:
+            ds[name] = new
+        encoding[name] = {k: v for k, v in enc.items()
+                          if k not in ("units", "calendar", "dtype")}
+    return ds
+
+
+def _integral(ds: xr.Dataset, encoding: dict[str, dict[str, Any]]) -> xr.Dataset:
+    """Round float data bound for an unpacked integer dtype with no fill value ourselves
+    (xarray would warn); NaN there cannot be written."""
+    for name, enc in encoding.items():
+        var = ds.variables[name]
+        if ("dtype" not in enc or np.dtype(enc["dtype"]).kind not in "iu"
+                or var.dtype.kind != "f" or "scale_factor" in enc or "add_offset" in enc
+                or enc.get("_FillValue") is not None or "missing_value" in enc):
+            continue
+        if np.isnan(var.values).any():
+            raise ClimateDataError(f"{name}: NaN values but no fill value for its "
+                                   f"{np.dtype(enc['dtype'])} dtype")
+        ds[name] = var.copy(data=np.rint(var.values).astype(enc["dtype"]))
+    return ds
+
+
+def _netcdf_dataset(
+    obj: Any, history: str | None = None
+) -> tuple[xr.Dataset, str, dict[str, dict[str, Any]], list[str]]:
+    """The Dataset write_netcdf writes, its format, per-variable encoding, unlimited dims."""
+    ds = _to_dataset(obj)
+    fmt = ds.encoding.get(_ENC_FORMAT)
+    for v in ds.data_vars.values():
+        fmt = fmt or v.encoding.get(_ENC_FORMAT)
+    known = fmt is not None
+    fmt = str(fmt or "NETCDF4")
+    if fmt not in NETCDF_FORMATS:
+        raise ClimateDataError(f"unknown netCDF format {fmt!r}; one of {NETCDF_FORMATS}")
+    if isinstance(obj, xr.DataArray | list | tuple) or _ENC_GLOBAL_ATTRS in ds.encoding:
+        first = obj if isinstance(obj, xr.DataArray) else (
+            obj[0] if isinstance(obj, list | tuple) else None)
+        if first is not None:
+            ds.attrs = dict(first.encoding.get(_ENC_GLOBAL_ATTRS, {}))
+    unlimited = [str(d) for d in (ds.encoding.get("unlimited_dims") or ()) if d in ds.dims]
+    for v in ds.data_vars.values():
+        unlimited += [d for d in v.encoding.get(_ENC_UNLIMITED, ())
+                      if d in ds.dims and d not in unlimited]
+    if fmt.startswith("NETCDF3") and len(unlimited) > 1:
+        unlimited = unlimited[:1]
+    encoding = {str(k): _var_encoding(str(k), ds, fmt, known) for k in ds.variables}
+    coordinates = {str(k): _coordinates_attr(ds, str(k)) for k in ds.data_vars}
+    ds = _integral(ds, encoding)
+    ds = _encode_times(ds, encoding)
+    ds = ds.drop_encoding()
+    for k, text in coordinates.items():
+        if text:
+            ds[k].encoding["coordinates"] = text
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%a %b %d %H:%M:%S %Y")
+    line = f"{stamp}: {history or 'written by mscn_datasets.climate.write_netcdf'}"
+    old = ds.attrs.get("history")
+    ds.attrs["history"] = f"{line}\n{old}" if old is not None and str(old) else line
+    return ds, fmt, encoding, unlimited
+
+
 def write_netcdf(
-    obj: xr.DataArray | xr.Dataset,
+    obj: xr.DataArray | xr.Dataset | Sequence[xr.DataArray],
     path: str | os.PathLike[str],
     overwrite: bool = False,
+    history: str | None = None,
 ) -> Path:
-    """Write CF NetCDF atomically through :func:`mscn_core.atomic.write_atomic`.
+    """Write NetCDF atomically through :func:`mscn_core.atomic.write_atomic`.
 
     Why: a crash or error mid-write must never leave a truncated file where a valid
-    one was expected, nor clobber an existing file unasked.  Names, units and attrs
-    are kept (and the source file's global attrs for DataArrays from select_fields);
-    a ``history`` line is prepended.  Raises FileExistsError if ``path`` exists and
-    ``overwrite`` is False, FileNotFoundError if its directory is missing.  Returns
-    the final path.
+    one was expected, nor clobber an existing file unasked; and output must be a
+    drop-in replacement for the input.  ``obj``: a DataArray, a Dataset, or a list
+    of DataArrays of different variables (each already stacked).  Kept from the input
+    (as recorded by :func:`open_climate`/:func:`select_variables`): global, variable and
+    coordinate attributes (``Conventions`` untouched, never added), ``_FillValue`` and
+    ``missing_value`` (NaN cells written as the fill value), packing, time units,
+    calendar and dtype, the file format (zarr input: NETCDF4), unlimited dimensions and
+    compression.  netCDF-4 output is chunked one 2-D field per chunk.  ``history``
+    gains one first line ``"<date>: <history>"`` (a default text when None).  Raises
+    FileExistsError if ``path`` exists and ``overwrite`` is False, FileNotFoundError if
+    its directory is missing.  Returns the final path.
     """
     def write(tmp: str) -> None:
-        # The temp name keeps the real suffix; the engine is explicit all the same.
-        ds, engine, encoding = _netcdf_dataset(obj)
-        ds.to_netcdf(tmp, engine=engine, encoding=encoding)
+        ds, fmt, encoding, unlimited = _netcdf_dataset(obj, history)
+        try:
+            import netCDF4  # noqa: F401
+
+            engine = "netcdf4"
+        except ImportError:  # h5netcdf writes netCDF-4 only
+            engine, fmt = "h5netcdf", "NETCDF4"
+        ds.to_netcdf(tmp, engine=engine, format=fmt, encoding=encoding,
+                     unlimited_dims=unlimited)
 
     return write_atomic(path, write, overwrite=overwrite)
 
 
-def _netcdf_dataset(obj: xr.DataArray | xr.Dataset) -> tuple[xr.Dataset, str, dict]:
-    """The Dataset write_netcdf writes, its engine and per-variable encoding."""
-    if isinstance(obj, xr.DataArray):
-        name = obj.name if obj.name is not None else "field"
-        ds = obj.to_dataset(name=name)
-        ds.attrs = dict(obj.encoding.get(_ENC_GLOBAL_ATTRS, {}))
-    elif isinstance(obj, xr.Dataset):
-        ds = obj.copy()
-    else:
-        raise TypeError(f"write_netcdf needs an xarray DataArray or Dataset, got {type(obj)}")
-    try:
-        import netCDF4  # noqa: F401
+# --------------------------------------------------------------------------------------
+# portable encoding (for streams that must rebuild the file without the input)
+# --------------------------------------------------------------------------------------
 
-        engine = "netcdf4"
-    except ImportError:
-        engine = "h5netcdf"
-    encoding = {
-        str(k): _clean_encoding(v, k in ds.coords, engine) for k, v in ds.variables.items()
-    }
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    line = f"{stamp} written by mscn_datasets.climate.write_netcdf"
-    old = ds.attrs.get("history")
-    ds.attrs["history"] = f"{line}\n{old}" if old else line
-    ds.attrs.setdefault("Conventions", "CF-1.8")
-    return ds, engine, encoding
+_PORTABLE_TOP = {"format", "global_attrs", "global_attr_dtypes", "unlimited_dims", "dims",
+                 "item_dims", "index_dims", "variable", "coords"}
+_PORTABLE_VAR = set(_VAR_ENC) | {"attr_dtypes", "coordinates"}
+_PORTABLE_COORD = set(_COORD_ENC) | {"attr_dtypes"}
+_RESERVED_ATTRS = {"_NCProperties", "_IsNetcdf4", "_SuperblockVersion", "_Netcdf4Dimid",
+                   "_Netcdf4Coordinates", "_FillValue", "missing_value"}
+_MAX_NAMES = 1024  # dims, coordinates or attributes in one encoding
+_MAX_CHUNK_BYTES = 1 << 32  # HDF5 refuses chunks of 4 GiB or more
+_MAX_ATTR_LEN = 1 << 20  # characters or list elements in one attribute
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-able copy (numpy scalars/arrays -> Python; dtype -> name)."""
+    if isinstance(v, np.dtype):
+        return str(v)
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
+
+
+def _attr_dtypes(attrs: Mapping[str, Any]) -> dict[str, str]:
+    """dtypes of numeric attributes that JSON would turn into int64/float64."""
+    out = {}
+    for k, v in attrs.items():
+        dt = getattr(v, "dtype", None)
+        if dt is not None and dt.kind in "biuf" and dt not in (np.int64, np.float64):
+            out[str(k)] = str(dt)
+    return out
+
+
+def _enc_subset(enc: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {k: _plain(enc[k]) for k in keys if k in enc and enc[k] is not None}
+
+
+def portable_encoding(field: xr.DataArray) -> dict[str, Any]:
+    """What :func:`write_netcdf` needs beyond a field's attrs and coordinates, as JSON.
+
+    Why: a compressed stream is decoded with no access to the input file; with this and
+    the field's attrs/coords the decoder writes the file the input would have given:
+    format, global attributes (and numeric attribute dtypes), unlimited dims, the
+    variable's dtype, fill values, packing, compression and input chunking, and each
+    coordinate's dtype, fill value and time units/calendar.
+    """
+    enc = field.encoding
+    out: dict[str, Any] = {}
+    if enc.get(_ENC_FORMAT) is not None:
+        out["format"] = str(enc[_ENC_FORMAT])
+    if _ENC_GLOBAL_ATTRS in enc:
+        gattrs = enc[_ENC_GLOBAL_ATTRS]
+        out["global_attrs"] = {str(k): _plain(v) for k, v in gattrs.items()}
+        out["global_attr_dtypes"] = _attr_dtypes(gattrs)
+    for key, name in ((_ENC_UNLIMITED, "unlimited_dims"), (_ENC_DIMS, "dims"),
+                      (_ENC_ITEM_DIMS, "item_dims"), (_ENC_INDEX_DIMS, "index_dims")):
+        if key in enc:
+            out[name] = [str(d) for d in enc[key]]
+    var = _enc_subset(enc, _VAR_ENC + ("coordinates",))
+    var["attr_dtypes"] = _attr_dtypes(field.attrs)
+    out["variable"] = var
+    coords = {}
+    for name, c in field.coords.items():
+        is_time = c.dtype.kind in "Mm" or (c.dtype == object and c.size > 0
+                                            and _is_cftime(c.values.flat[0]))
+        keys = _COORD_ENC if is_time else tuple(k for k in _COORD_ENC
+                                                if k not in ("units", "calendar"))
+        centry = _enc_subset(c.encoding, keys)
+        centry["attr_dtypes"] = _attr_dtypes(c.attrs)
+        coords[str(name)] = centry
+    out["coords"] = coords
+    return out
+
+
+def _cast_attrs(attrs: Mapping[str, Any], dtypes: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(attrs)
+    for k, dt in dtypes.items():
+        if k in out and not isinstance(out[k], str):
+            arr = np.asarray(out[k], dtype=dt)
+            out[k] = arr[()] if arr.ndim == 0 else arr
+    return out
+
+
+def _enc_values(entry: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in entry.items() if k != "attr_dtypes"}
+    if "dtype" in out:
+        out["dtype"] = np.dtype(out["dtype"])
+        for k in ("_FillValue", "missing_value"):
+            if k in out and not isinstance(out[k], list):
+                out[k] = np.asarray(out[k]).astype(out["dtype"])[()] if (
+                    out["dtype"].kind in "biuf") else out[k]
+    if "chunksizes" in out:
+        out["chunksizes"] = tuple(out["chunksizes"])
+    return out
+
+
+def apply_portable_encoding(field: xr.DataArray, enc: dict[str, Any]) -> xr.DataArray:
+    """A copy of ``field`` whose encodings (and attr dtypes) are those :func:`portable_encoding`
+    recorded, so ``stack_fields`` + ``write_netcdf`` give the input's file.
+
+    ``enc`` is checked first (:func:`check_portable_encoding`); a forged one raises
+    ValueError.
+    """
+    check_portable_encoding(enc)
+    out = field.copy(deep=False)
+    e: dict[str, Any] = {k: v for k, v in out.encoding.items() if not k.startswith("mscn_")}
+    e.update(_enc_values(enc["variable"]))
+    if "format" in enc:
+        e[_ENC_FORMAT] = enc["format"]
+    if "global_attrs" in enc:
+        e[_ENC_GLOBAL_ATTRS] = _cast_attrs(enc["global_attrs"],
+                                           enc.get("global_attr_dtypes", {}))
+    for name, key in (("unlimited_dims", _ENC_UNLIMITED), ("dims", _ENC_DIMS),
+                      ("item_dims", _ENC_ITEM_DIMS), ("index_dims", _ENC_INDEX_DIMS)):
+        if name in enc:
+            e[key] = tuple(enc[name])
+    out.encoding = e
+    out.attrs = _cast_attrs(out.attrs, enc["variable"].get("attr_dtypes", {}))
+    new = {}
+    for name, centry in enc["coords"].items():
+        if name not in out.coords:
+            continue
+        cvar = out.coords[name].variable.copy(deep=False)  # index coords: not in place
+        cvar.attrs = _cast_attrs(cvar.attrs, centry.get("attr_dtypes", {}))
+        cenc = {k: v for k, v in cvar.encoding.items() if k not in _COORD_ENC}
+        cenc.update(_enc_values(centry))
+        cvar.encoding = cenc
+        new[name] = cvar
+    return out.assign_coords(new)
+
+
+def _bad(key: str, why: str) -> ValueError:
+    return ValueError(f"portable encoding: {key} {why}")
+
+
+def _describe(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, float) or (isinstance(x, int) and -(1 << 63) <= x < (1 << 64))
+
+
+def _check_name(name: Any, key: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or "\0" in name or len(name) > 256:
+        raise _bad(key, f"has an unusable name {_describe(name)}")
+
+
+def _check_names(v: Any, key: str) -> None:
+    if not isinstance(v, list) or len(v) > _MAX_NAMES:
+        raise _bad(key, f"must be a list of names, got {_describe(v)}")
+    for n in v:
+        _check_name(n, key)
+    if len(set(v)) != len(v):
+        raise _bad(key, "has duplicate names")
+
+
+def _check_dtype(v: Any, key: str, kinds: str = "biuf") -> np.dtype:
+    if not isinstance(v, str) or len(v) > 32:
+        raise _bad(key, f"must be a numpy dtype name, got {_describe(v)}")
+    try:
+        dt = np.dtype(v)
+    except (TypeError, ValueError):
+        raise _bad(key, f"{_describe(v)} is not a numpy dtype") from None
+    if dt.kind not in kinds or not 0 < dt.itemsize <= (8 if kinds == "biuf" else 1024):
+        raise _bad(key, f"{_describe(v)} is not a supported dtype")
+    return dt
+
+
+def _check_attr_values(attrs: Any, key: str) -> None:
+    if not isinstance(attrs, dict) or len(attrs) > _MAX_NAMES:
+        raise _bad(key, f"must be an object, got {_describe(attrs)}")
+    for k, v in attrs.items():
+        _check_name(k, f"{key} key")
+        if k in _RESERVED_ATTRS:
+            raise _bad(f"{key}[{k!r}]", "is reserved")
+        flat = v if isinstance(v, list) else [v]
+        if isinstance(v, str) and len(v) > _MAX_ATTR_LEN or len(flat) > _MAX_ATTR_LEN:
+            raise _bad(f"{key}[{k!r}]", "is too long")
+        if not flat or not (all(isinstance(x, str) for x in flat)
+                            or all(_is_number(x) for x in flat)):
+            raise _bad(f"{key}[{k!r}]", "must be a string, a number or a flat list of either")
+
+
+def _check_attr_dtypes(v: Any, key: str) -> None:
+    if not isinstance(v, dict) or len(v) > _MAX_NAMES:
+        raise _bad(key, f"must be an object, got {_describe(v)}")
+    for k, dt in v.items():
+        _check_name(k, f"{key} key")
+        _check_dtype(dt, f"{key}[{k!r}]")
+
+
+def _check_fill(v: Any, key: str, dtype: np.dtype | None) -> None:
+    flat = v if isinstance(v, list) else [v]
+    if not flat or len(flat) > 2 or not all(_is_number(x) for x in flat):
+        raise _bad(key, f"must be a number, got {_describe(v)}")
+    if dtype is not None and dtype.kind in "iub":
+        info = np.iinfo(dtype) if dtype.kind in "iu" else None
+        for x in flat:
+            if not (isinstance(x, int) or (isinstance(x, float) and x.is_integer())):
+                raise _bad(key, f"{_describe(x)} is not an integer for dtype {dtype}")
+            if info is not None and not info.min <= int(x) <= info.max:
+                raise _bad(key, f"{_describe(x)} does not fit dtype {dtype}")
+
+
+def _check_entry(entry: Any, key: str, allowed: set[str], kinds: str) -> None:
+    if not isinstance(entry, dict):
+        raise _bad(key, f"must be an object, got {_describe(entry)}")
+    for k in entry:
+        if k not in allowed:
+            raise _bad(f"{key}.{k}" if isinstance(k, str) else key, "is not a known key")
+    dtype = _check_dtype(entry["dtype"], f"{key}.dtype", kinds) if "dtype" in entry else None
+    for k in ("_FillValue", "missing_value"):
+        if k in entry:
+            _check_fill(entry[k], f"{key}.{k}", dtype)
+    for k in ("scale_factor", "add_offset"):
+        if k in entry and not (_is_number(entry[k]) and math.isfinite(entry[k])):
+            raise _bad(f"{key}.{k}", f"must be a finite number, got {_describe(entry[k])}")
+    if entry.get("scale_factor", 1) == 0:
+        raise _bad(f"{key}.scale_factor", "must not be 0")
+    for k in ("zlib", "shuffle", "contiguous"):
+        if k in entry and not isinstance(entry[k], bool):
+            raise _bad(f"{key}.{k}", f"must be true or false, got {_describe(entry[k])}")
+    if "complevel" in entry and not (isinstance(entry["complevel"], int)
+                                     and not isinstance(entry["complevel"], bool)
+                                     and 0 <= entry["complevel"] <= 9):
+        raise _bad(f"{key}.complevel", f"must be an integer 0..9, got "
+                   f"{_describe(entry['complevel'])}")
+    if "chunksizes" in entry:
+        ch = entry["chunksizes"]
+        if (not isinstance(ch, list) or not 0 < len(ch) <= 64 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 < n < (1 << 32)
+                for n in ch)):
+            raise _bad(f"{key}.chunksizes", f"must be a list of 1..64 positive sizes, got "
+                       f"{_describe(ch)}")
+        if math.prod(ch) * (dtype.itemsize if dtype is not None else 8) >= _MAX_CHUNK_BYTES:
+            raise _bad(f"{key}.chunksizes", f"{_describe(ch)} is a chunk of 4 GiB or more")
+    for k in ("units", "calendar", "coordinates"):
+        if k in entry and not (isinstance(entry[k], str) and 0 < len(entry[k]) <= 4096):
+            raise _bad(f"{key}.{k}", f"must be a short string, got {_describe(entry[k])}")
+    if "attr_dtypes" in entry:
+        _check_attr_dtypes(entry["attr_dtypes"], f"{key}.attr_dtypes")
+
+
+def check_portable_encoding(enc: Any) -> None:
+    """Raise ValueError (one line naming the key) unless ``enc`` is a sane
+    :func:`portable_encoding`.
+
+    Why: it comes from a stream, which may be forged; nothing is allocated from its
+    sizes (chunk sizes are only checked: positive, under 4 GiB per chunk).
+    """
+    if not isinstance(enc, dict):
+        raise _bad("", f"must be an object, got {_describe(enc)}")
+    for k in enc:
+        if k not in _PORTABLE_TOP:
+            raise _bad(str(k)[:60] if isinstance(k, str) else _describe(k), "is not a known key")
+    for k in ("variable", "coords"):
+        if k not in enc:
+            raise _bad(k, "is missing")
+    if "format" in enc and enc["format"] not in NETCDF_FORMATS:
+        raise _bad("format", f"{_describe(enc['format'])} is not one of {NETCDF_FORMATS}")
+    if "global_attrs" in enc:
+        _check_attr_values(enc["global_attrs"], "global_attrs")
+    if "global_attr_dtypes" in enc:
+        _check_attr_dtypes(enc["global_attr_dtypes"], "global_attr_dtypes")
+    for k in ("unlimited_dims", "dims", "item_dims", "index_dims"):
+        if k in enc:
+            _check_names(enc[k], k)
+    _check_entry(enc["variable"], "variable", _PORTABLE_VAR, "biuf")
+    coords = enc["coords"]
+    if not isinstance(coords, dict) or len(coords) > _MAX_NAMES:
+        raise _bad("coords", f"must be an object, got {_describe(coords)}")
+    for name, entry in coords.items():
+        _check_name(name, "coords key")
+        _check_entry(entry, f"coords[{name!r}]", _PORTABLE_COORD, "biufSU")

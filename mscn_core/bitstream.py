@@ -7,11 +7,18 @@ Layout (all integers little-endian)::
 
     offset  size         field
     0       4            magic  b"MSCN"
-    4       2            format version (u16) = 1
+    4       2            format version (u16): 1, or 2 for streams with an error bound
     6       4            header_len (u32) = length of the compressed header in bytes
     10      header_len   zlib-compressed header JSON, UTF-8 (see below)
     ...     sum(lengths) payloads, item after item, in header order
     end-4   4            CRC-32 (zlib.crc32, u32) of every byte before it
+
+Version 2 is version 1 plus, in some items' metadata, ``"residual"``: the quantised
+residual of an error-bounded stream (``mscn encode --max-abs-error``), whose range-coded
+words follow the item's code words in its payload (layout and validation:
+:mod:`mscn_core.residual`). Plain streams are still written as version 1, so every
+reader reads them; a reader that knows only version 1 refuses a bounded stream with
+"unsupported format version 2" instead of decoding it without its residual.
 
 Header JSON (compact, sorted keys)::
 
@@ -85,6 +92,8 @@ from .limits import inflate, one_line
 __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
+    "BOUNDED_VERSION",
     "CHECKSUM_LEN",
     "BitstreamError",
     "Bitstream",
@@ -99,6 +108,8 @@ __all__ = [
 
 MAGIC = b"MSCN"
 FORMAT_VERSION = 1
+BOUNDED_VERSION = 2  # streams with residuals (error-bounded mode)
+FORMAT_VERSIONS = (FORMAT_VERSION, BOUNDED_VERSION)
 CHECKSUM_LEN = 4
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header_len
 PREFIX_LEN = _PREFIX.size  # 10
@@ -187,6 +198,7 @@ def write_bitstream(
     items_meta: list[dict],
     payloads: list[bytes],
     extra: dict | None = None,
+    version: int = FORMAT_VERSION,
 ) -> bytes:
     """Serialise items into one ``.mscn`` stream (see module docstring for the layout)."""
     ck = _check_hash(checkpoint_hash, "checkpoint_hash")
@@ -211,6 +223,8 @@ def write_bitstream(
             blobs.append(bytes(memoryview(p).cast("B")))
         except TypeError as exc:
             raise ValueError(f"payloads[{i}] must be bytes-like, got {type(p).__name__}") from exc
+    if version not in FORMAT_VERSIONS:
+        raise ValueError(f"version must be one of {FORMAT_VERSIONS}, got {version!r}")
     if extra is not None and not isinstance(extra, dict):
         raise ValueError(f"extra must be a dict or None, got {type(extra).__name__}")
 
@@ -236,8 +250,14 @@ def write_bitstream(
     hjson = zlib.compress(hjson, 9)
     if len(hjson) >= 1 << 32:
         raise ValueError("header too large")
-    body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(hjson)), hjson, *blobs])
+    body = b"".join([_PREFIX.pack(MAGIC, version, len(hjson)), hjson, *blobs])
     return body + _crc(body)
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as a reader gets it back from a header (tuples → lists, numpy → Python):
+    the encoder simulates the decoder on exactly that."""
+    return json.loads(json.dumps(obj, default=_json_default))
 
 
 def _is_count(x: Any) -> bool:
@@ -271,9 +291,10 @@ def read_bitstream(data: bytes, *, expected_checkpoint_hash: str | None = None) 
         raise BitstreamError(f"truncated: expected at least {min_len} bytes, got {n}")
     _, version, header_len = _PREFIX.unpack_from(buf, 0)
     # 2. version (before the checksum: another version may checksum differently)
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise BitstreamError(
-            f"unsupported format version {version} (this build reads {FORMAT_VERSION})"
+            f"unsupported format version {version} (this build reads "
+            f"{' and '.join(map(str, FORMAT_VERSIONS))})"
         )
     # 3. bound header_len by the data actually present (no allocation from it)
     need = PREFIX_LEN + header_len + CHECKSUM_LEN

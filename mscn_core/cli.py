@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import stat
 import sys
@@ -550,23 +551,33 @@ def cmd_meta_train(args) -> int:
     return 0
 
 
-def _fit(args, ck, modality, items):
-    """Adapt items (3 MetaSGD steps); optionally quantised like the bitstream would be."""
+def _fit(args, ck, modality, items, desc: str = "fit"):
+    """Adapt items (3 MetaSGD steps); optionally quantised like the bitstream would be.
+
+    Returns the signals, their predictors, their metrics and the predictions of all
+    their points (what the metrics scored)."""
     import torch
 
     from .pipeline import adapt_codes, predictor, quantize_codes
 
     signals = [modality.to_signal(i, args.options) for i in items]
     codes = adapt_codes(ck, modality, signals, steps=args.steps,
-                        points_per_step=args.points_per_step)
+                        points_per_step=args.points_per_step, desc=desc)
     if args.bits:
         _, codes = quantize_codes(ck, codes, args.bits)
     preds = [predictor(ck, modality, c) for c in codes]
-    metrics = []
+    metrics, outputs = [], []
     for s, p in zip(signals, preds, strict=True):
         with torch.no_grad():
-            metrics.append(modality.metrics(s, p(s.coords)))
-    return signals, preds, metrics
+            outputs.append(p(s.coords))
+        metrics.append(modality.metrics(s, outputs[-1]))
+    return signals, preds, metrics, outputs
+
+
+def _provenance(args, ck, **more) -> dict:
+    """What made an output, for the plugin's ``save`` (NetCDF history, PNG text)."""
+    return {"checkpoint_sha256": ck.sha256,
+            "command": shlex.join(["mscn", *getattr(args, "argv", [])]), **more}
 
 
 def _from_scratch(args, modality, items):
@@ -616,27 +627,55 @@ def cmd_fit(args) -> int:
     items = _read_items(modality, [args.file], args.options)
     if ck is None:
         ck = _from_scratch(args, modality, items)
-    signals, preds, metrics = _fit(args, ck, modality, items)
+    signals, preds, metrics, _ = _fit(args, ck, modality, items)
     recon = [modality.reconstruct(s.meta, p, args.options, template=i)
              for s, p, i in zip(signals, preds, items, strict=True)]
     modality.save(recon, args.output, overwrite=args.overwrite,
-                  provenance={"checkpoint_sha256": ck.sha256})
+                  provenance=_provenance(args, ck, bits=args.bits))
     print(json.dumps({"output": args.output, "items": len(items), "mean": _summary(metrics)},
                      indent=2))
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    """Metrics per item and their mean, with skill scores ``1 - MSE/MSE_ref`` (target
+    units) against the unadapted network (``skill_vs_training_mean``) and, for plugins
+    with ``reference_group``, the per-point mean of the evaluated items of a group
+    (``skill_vs_climatology``)."""
+    from .pipeline import climatology_mse, initial_predictions, progress, skill, target_mse
+
     ck, modality = _load(args)
-    rows, all_metrics = [], []
-    for path in args.files:
-        items = _read_items(modality, [path], args.options)
-        _, _, metrics = _fit(args, ck, modality, items)
-        for i, m in zip(items, metrics, strict=True):
-            rows.append({"file": str(path), "item": modality.item_label(i), **m})
-        all_metrics += metrics
+    rows, all_metrics, kept, groups = [], [], [], []
+    group_of = getattr(modality, "reference_group", None)
+    with progress(len(args.files), "evaluate", unit="file") as bar:
+        for path in args.files:
+            items = _read_items(modality, [path], args.options)
+            signals, _, metrics, outputs = _fit(args, ck, modality, items,
+                                                desc=f"evaluate {Path(path).name}")
+            initial = initial_predictions(ck, modality, signals)
+            for k, (i, m, s, out) in enumerate(zip(items, metrics, signals, outputs,
+                                                   strict=True)):
+                mse = target_mse(s, out)
+                ref = target_mse(s, initial[k]) if initial else None
+                rows.append({"file": str(path), "item": modality.item_label(i), **m,
+                             "skill_vs_training_mean": skill(mse, ref)})
+                g = group_of(i) if callable(group_of) else None
+                kept.append((s, mse) if g is not None else (None, mse))
+                groups.append(g)
+            all_metrics += metrics
+            bar.update()
+    if any(g is not None for g in groups):
+        held = [s for s, _ in kept if s is not None]
+        refs = iter(climatology_mse(held, [g for g in groups if g is not None]))
+        for row, (s, mse) in zip(rows, kept, strict=True):
+            row["skill_vs_climatology"] = skill(mse, next(refs)) if s is not None else None
+    mean = _summary(all_metrics)
+    for key in ("skill_vs_training_mean", "skill_vs_climatology"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            mean[key] = float(sum(values) / len(values))
     report = {"checkpoint": str(args.checkpoint), "bits": args.bits, "per_item": rows,
-              "mean": _summary(all_metrics)}
+              "mean": mean}
     text = json.dumps(report, indent=2)
     if args.output:
         from .atomic import save_bytes_atomic
@@ -653,13 +692,19 @@ def cmd_encode(args) -> int:
     ck, modality = _load(args)
     items = _read_items(modality, [args.file], args.options)
     data, rep = encode_items(ck, modality, items, bits=args.bits, options=args.options,
-                             points_per_step=args.points_per_step)
+                             points_per_step=args.points_per_step,
+                             max_abs_error=args.max_abs_error,
+                             max_rel_error=args.max_rel_error)
     save_bytes_atomic(data, args.output, overwrite=args.overwrite)
-    print(json.dumps({"output": args.output, "items": len(items), "bytes": rep.n_bytes,
-                      "payload_bytes": rep.payload_bytes, "values": rep.n_values,
-                      "bits_per_value": rep.bits_per_value,
-                      "payload_bits_per_value": rep.payload_bits_per_value,
-                      "mean": _summary(rep.metrics)}, indent=2))
+    out = {"output": args.output, "items": len(items), "bytes": rep.n_bytes,
+           "payload_bytes": rep.payload_bytes, "values": rep.n_values,
+           "bits_per_value": rep.bits_per_value,
+           "payload_bits_per_value": rep.payload_bits_per_value}
+    if rep.bounds is not None:  # achieved: before the plugin's output cast (see residual)
+        out.update(residual_bytes=rep.residual_bytes,
+                   error_bound=max(b["bound"] for b in rep.bounds),
+                   max_abs_error=max(b["max_abs_error"] for b in rep.bounds))
+    print(json.dumps({**out, "mean": _summary(rep.metrics)}, indent=2))
     return 0
 
 
@@ -670,9 +715,10 @@ def cmd_decode(args) -> int:
     data = Path(args.file).read_bytes()
     with _about(args.file):
         decoded = decode_stream(data, ck, args.options)
-    provenance = {"checkpoint_sha256": ck.sha256}
-    if decoded.bits_per_value is not None:
-        provenance["bits_per_value"] = decoded.bits_per_value
+    provenance = _provenance(args, ck, bits=decoded.stream.bits,
+                             bits_per_value=decoded.bits_per_value)
+    if decoded.max_abs_error is not None:
+        provenance["max_abs_error"] = decoded.max_abs_error
     decoded.modality.save(decoded.artifacts, args.output, overwrite=args.overwrite,
                           provenance=provenance)
     print(json.dumps({"output": args.output, "items": decoded.stream.n_items,
@@ -731,6 +777,17 @@ def _nonnegative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """Parse-time check: an error bound, finite and > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -910,6 +967,13 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--bits", type=_bits, default=6, help="quantisation bits 2..8 (default 6)")
+    bound = s.add_mutually_exclusive_group()
+    bound.add_argument("--max-abs-error", type=_positive_float, default=None, metavar="E",
+                       help="guarantee |decoded - input| <= E at every valid point (the "
+                       "artifact's units) by also coding the residual")
+    bound.add_argument("--max-rel-error", type=_positive_float, default=None, metavar="R",
+                       help="as --max-abs-error with E = R x (max - min) of each item's "
+                       "valid values")
     budget_flag(s)
     out_flags(s)
     modality_flags(s)
@@ -981,7 +1045,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str], command: str | None) -> int:
     modality = resolve_modality(argv) if command in MODALITY_COMMANDS else None
-    args = build_parser(modality, light=command is None).parse_args(argv)
+    # Only meta-train has the engine's config flags (they import torch): every other
+    # command, and the top-level --help, gets the light parser.
+    args = build_parser(modality, light=command != "meta-train").parse_args(argv)
+    args.argv = argv  # for provenance (the command line that made an output)
     if args.command in MODALITY_COMMANDS:
         if modality is None:
             need = {"meta-train": "--modality", "view": "--modality",

@@ -7,8 +7,11 @@ the same rendering then serves the inner loop, the outer loop, evaluation and de
 
 Required: ``name``, ``description``, ``in_dim``, ``out_dim``, :meth:`read`,
 :meth:`to_signal`, :meth:`metrics`, :meth:`reconstruct`, :meth:`save`.
-Optional: everything else, including ``view`` (absent = no viewer) and
-:meth:`Modality.check_meta` (validate a stream's item metadata before decoding).
+Optional: everything else, including ``view`` (absent = no viewer),
+:meth:`Modality.check_meta` (validate a stream's item metadata before decoding), and
+the capabilities in ``OPTIONAL_CAPABILITIES`` (absent = not offered): ``value_scale``
+(error-bounded encoding), ``output_ulp`` (its margin for the artifact's number format)
+and ``reference_group`` (climatology skill in ``mscn evaluate``).
 
 Vocabulary
 ----------
@@ -30,22 +33,32 @@ import os
 import types
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .signals import Batch, Signal
 
+if TYPE_CHECKING:  # torch loads where it is used: listing plugins must not cost its ~1 s
+    import torch
+    from torch import Tensor
+
 CONTRACT_VERSION = 2
 
-Field = Callable[[Tensor], Tensor]  # points (B, M, in_dim) -> raw outputs (B, M, out_dim)
-PredictFn = Callable[[Tensor], Tensor]  # one item's coords (N, k) -> predictions (N, c)
+Field = Callable[["Tensor"], "Tensor"]  # points (B, M, in_dim) -> raw outputs (B, M, out_dim)
+PredictFn = Callable[["Tensor"], "Tensor"]  # one item's coords (N, k) -> predictions (N, c)
 
 REQUIRED_ATTRIBUTES = ("name", "description", "in_dim", "out_dim")
 REQUIRED_METHODS = ("read", "to_signal", "metrics", "reconstruct", "save")
 OPTIONAL_METHODS = ("guess_can_open", "fit_state", "state", "load_state", "item_template",
                     "item_label", "sample", "render", "objective", "n_values", "check_meta")
+# Optional members whose absence means "not offered": the default is None, not a method.
+#   value_scale(meta) -> float: artifact units per unit of the signal's targets (e.g. the
+#     width of a [0, 1] scaling); without it ``encode --max-abs-error`` is refused.
+#   output_ulp(meta) -> float: spacing of the artifact's number format at the largest
+#     magnitude an item with this meta can take (float32 NetCDF near 300 K: 3e-5; 8-bit
+#     images: 1 level); the error bound keeps half of it in reserve. Absent: 0 (float64).
+#   reference_group(item) -> Hashable | None: items of one climatology (the same quantity
+#     on the same points); ``mscn evaluate`` scores skill against its per-point mean.
+OPTIONAL_CAPABILITIES = ("value_scale", "output_ulp", "reference_group")
 
 
 def masked_mse(pred: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
@@ -80,6 +93,10 @@ class Modality:
     # overwrite=False) -> path`` rendering an item beside its reconstruction, both as
     # ``read`` returns them; it may accept ``animation=PATH`` (``mscn view --gif``).
     view: ClassVar[Callable[..., Any] | None] = None
+    # Capabilities (see OPTIONAL_CAPABILITIES): define them as methods to offer them.
+    value_scale: ClassVar[Callable[..., float] | None] = None
+    output_ulp: ClassVar[Callable[..., float] | None] = None
+    reference_group: ClassVar[Callable[..., Any] | None] = None
 
     # -- files ------------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
@@ -126,6 +143,8 @@ class Modality:
 
         Default: uniform over valid (unmasked) samples, with replacement.
         """
+        import torch
+
         valid = signal.mask.nonzero().squeeze(1) if signal.mask is not None else None
         n_valid = valid.numel() if valid is not None else signal.n_points
         pick = torch.randint(n_valid, (n,), generator=generator)
@@ -206,7 +225,7 @@ def checkpoint_settings(options: Any, fields: Sequence[str], stored: dict | None
 
 _DEFAULT_ATTRIBUTES = {"magic": (), "file_extensions": (), "options": None,
                        "points_per_step": Modality.points_per_step, "view_names": (),
-                       "view": None}
+                       "view": None, **dict.fromkeys(OPTIONAL_CAPABILITIES)}
 
 
 def with_defaults(obj: Any) -> Any:
@@ -267,7 +286,8 @@ def contract_problems(obj: Any) -> list[str]:
             if missing:
                 problems.append(f"options {opts.__name__}: every field needs a default "
                                 f"(the CLI makes them flags); none for {', '.join(missing)}")
-    view = getattr(obj, "view", None)
-    if view is not None and not callable(view):
-        problems.append("view must be a method or None")
+    for cap in ("view", *OPTIONAL_CAPABILITIES):
+        member = getattr(obj, cap, None)
+        if member is not None and not callable(member):
+            problems.append(f"{cap} must be a method or None")
     return problems

@@ -14,14 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import bitstream as bs
 from . import limits
+from . import residual as res
 from .checkpoint import Checkpoint
 from .entropy import CategoricalModel, decode_symbols, encode_symbols, fit_categorical
 from .meta import TrainConfig, adapt, meta_train
 from .methods import MethodConfig, build_representation
-from .modality import with_defaults
+from .modality import default_options, with_defaults
 from .quantize import QuantizerStats, UniformQuantizer, fit_stats
 from .registry import get_modality
 from .signals import Batch, Signal, full_batches, sample_batch
@@ -51,9 +53,14 @@ def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[A
     return ck
 
 
+def progress(total: int, desc: str, unit: str = "item"):
+    """A bar with items/s, on a terminal only (``disable=None``), gone when done."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
+
+
 def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int | None = None,
                 max_batch: int = 16, points_per_step: int | None = None,
-                seed: int = 0) -> Tensor:
+                seed: int = 0, desc: str = "adapt") -> Tensor:
     """The transmitted values (B, code_size) for each signal after the inner loop.
 
     Items of at most ``points_per_step`` samples (default: the modality's budget) adapt on
@@ -78,12 +85,14 @@ def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int 
             return sample_batch(modality, sigs, budget, gens)
 
         jobs.append((chunk, draw(), draw))
-    for idx, batch, resample in jobs:
-        state, _ = adapt(ck.rep, batch, modality, steps=steps, resample=resample)
-        with torch.no_grad():
-            codes = ck.rep.code_values({k: v.detach() for k, v in state.items()})
-        for j, i in enumerate(idx):
-            out[i] = codes[j]
+    with progress(len(signals), desc) as bar:
+        for idx, batch, resample in jobs:
+            state, _ = adapt(ck.rep, batch, modality, steps=steps, resample=resample)
+            with torch.no_grad():
+                codes = ck.rep.code_values({k: v.detach() for k, v in state.items()})
+            for j, i in enumerate(idx):
+                out[i] = codes[j]
+            bar.update(len(idx))
     return torch.stack(out)  # type: ignore[arg-type]
 
 
@@ -163,6 +172,8 @@ class EncodeReport:
     bits_per_value: float
     payload_bits_per_value: float
     metrics: list[dict]
+    residual_bytes: int = 0  # error-bounded mode: bytes of the residuals (in n_bytes)
+    bounds: list[dict] | None = None  # per item: bound, achieved max error, residual bytes
 
 
 def split_common(dicts: Sequence[dict]) -> tuple[dict, list[dict]]:
@@ -203,30 +214,98 @@ _MISSING = object()
 
 def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
                  with_metrics: bool = True, options: Any = None,
-                 points_per_step: int | None = None) -> tuple[bytes, EncodeReport]:
-    """Adapt, quantise and entropy-code items into one .mscn stream."""
+                 points_per_step: int | None = None, max_abs_error: float | None = None,
+                 max_rel_error: float | None = None) -> tuple[bytes, EncodeReport]:
+    """Adapt, quantise and entropy-code items into one .mscn stream.
+
+    ``max_abs_error`` (artifact units) or ``max_rel_error`` (times each item's value
+    range): also code the residual so that every valid point decodes within the bound
+    (:mod:`mscn_core.residual`).
+    """
     if modality.name != ck.modality:
         raise ValueError(f"checkpoint is for modality {ck.modality!r}, not {modality.name!r}")
+    if max_abs_error is not None and max_rel_error is not None:
+        raise ValueError("give max_abs_error or max_rel_error, not both")
+    bounded = max_abs_error is not None or max_rel_error is not None
+    if bounded:
+        for v in (max_abs_error, max_rel_error):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"an error bound must be a finite number > 0, got {v}")
+        if not callable(getattr(modality, "value_scale", None)):
+            res.value_scale(modality, {})  # the one-line refusal, before any work
     signals = [modality.to_signal(i, options) for i in items]
     n_values = [int(modality.n_values(s)) for s in signals]
-    codes = adapt_codes(ck, modality, signals, points_per_step=points_per_step)
+    codes = adapt_codes(ck, modality, signals, points_per_step=points_per_step,
+                        desc="encode: adapt")
     symbols, dequant = quantize_codes(ck, codes, bits)
     _, model = quantizer(ck, bits)
     payloads = [encode_symbols(s, model) for s in symbols]
     metas = [dict(s.meta, template=modality.item_template(i, options), n_values=n)
              for s, i, n in zip(signals, items, n_values, strict=True)]
+    preds: list[Tensor | None] = [None] * len(signals)
+    bounds = None
+    if bounded:
+        bounds = []
+        with progress(len(signals), "encode: residuals") as bar:
+            for k, (s, code) in enumerate(zip(signals, dequant, strict=True)):
+                rmeta, rdata, pred, row = _bound_item(ck, modality, s, code, metas[k],
+                                                      max_abs_error, max_rel_error)
+                metas[k]["residual"] = rmeta
+                payloads[k] = payloads[k] + rdata
+                preds[k] = pred
+                bounds.append(row)
+                bar.update()
     common, per_item = split_common(metas)
     data = bs.write_bitstream(checkpoint_hash=ck.sha256, modality=modality.name, bits=bits,
                               items_meta=per_item, payloads=payloads,
-                              extra={"common": common})
+                              extra={"common": common},
+                              version=bs.BOUNDED_VERSION if bounded else bs.FORMAT_VERSION)
     metrics = []
     if with_metrics:
-        for s, code in zip(signals, dequant, strict=True):
-            metrics.append(modality.metrics(s, predictor(ck, modality, code)(s.coords)))
+        for s, code, pred in zip(signals, dequant, preds, strict=True):
+            if pred is None:
+                pred = predictor(ck, modality, code)(s.coords)
+            metrics.append(modality.metrics(s, pred))
     total = sum(n_values)
     payload = sum(len(p) for p in payloads)
+    residual_bytes = sum(b["residual_bytes"] for b in bounds or [])
     return data, EncodeReport(len(data), payload, total, 8 * len(data) / total,
-                              8 * payload / total, metrics)
+                              8 * payload / total, metrics, residual_bytes, bounds)
+
+
+def _bound_item(ck: Checkpoint, modality, signal: Signal, code: Tensor, meta: dict,
+                max_abs_error: float | None, max_rel_error: float | None
+                ) -> tuple[dict, bytes, Tensor, dict]:
+    """One item's residual: its metadata, its bytes, the bounded prediction and a row for
+    the report. The plugin's ``reconstruct`` runs on the metadata as the decoder will see
+    it, so the residual is taken against exactly the prediction the decoder computes."""
+    seen = bs.json_roundtrip(meta)
+    scale = res.value_scale(modality, seen)
+    ulp = res.output_ulp(modality, seen)
+    targets = signal.targets.double().numpy()
+    valid = (signal.mask.numpy().astype(bool) if signal.mask is not None
+             else np.ones(signal.n_points, dtype=bool))
+    if max_abs_error is not None:
+        bound = float(max_abs_error)
+    else:
+        t = targets[valid]
+        bound = float(max_rel_error) * float(t.max() - t.min()) * scale
+        if not bound > 0:
+            raise res.BoundError("the item's values are all equal: a relative bound is 0; "
+                                 "give an absolute bound")
+    capture = res.Capture(predictor(ck, modality, code), signal.n_points)
+    modality.reconstruct(seen, capture, default_options(modality))
+    if capture.pred is None:
+        raise res.BoundError(f"the {modality.name!r} plugin's reconstruct never calls "
+                             "predict: it cannot encode with an error bound")
+    pred = capture.pred.numpy()
+    q, step, err = res.quantize(targets, pred, valid, scale, bound, ulp)
+    rmeta, rdata = res.encode_residual(q)
+    rmeta.update(points=signal.n_points, channels=int(targets.shape[1]), step=step,
+                 max_abs_error=bound)
+    bounded = torch.from_numpy(pred + q.reshape(pred.shape) * step)
+    return rmeta, rdata, bounded, {"bound": bound, "max_abs_error": err,
+                                   "residual_bytes": len(rdata), "model": rmeta["model"]}
 
 
 @dataclass
@@ -243,6 +322,15 @@ class Decoded:
     def bits_per_value(self) -> float | None:
         """None for streams that do not record their items' value counts."""
         return 8 * self.n_bytes / self.n_values if self.n_values > 0 else None
+
+    @property
+    def max_abs_error(self) -> float | None:
+        """The largest error bound of the stream's items (None: not error-bounded)."""
+        common = self.stream.extra.get("common", {})
+        found = [merge_common(common, m).get("residual", {}).get("max_abs_error")
+                 for m in self.stream.items_meta]
+        found = [float(v) for v in found if v is not None]
+        return max(found) if found else None
 
 
 def decode_stream(data: bytes, ck: Checkpoint, options: Any = None,
@@ -264,20 +352,43 @@ def decode_stream(data: bytes, ck: Checkpoint, options: Any = None,
     else:
         modality = with_defaults(modality)  # a duck-typed plugin gets check_meta's default
     modality.load_state(ck.modality_state)
+    n_values = check_items(stream, modality, ck.rep.code_size(), options)
+    artifacts = []
+    with progress(len(stream.payloads), "decode") as bar:
+        for i in range(len(stream.payloads)):
+            artifacts.append(decode_item(stream, i, ck, modality, options))
+            bar.update()
+    return Decoded(modality, artifacts, stream, len(data), n_values)
+
+
+def decode_item(stream: bs.Bitstream, index: int, ck: Checkpoint, modality: Any,
+                options: Any = None) -> Any:
+    """One item of a parsed stream → its artifact, so a reader can decode items lazily.
+
+    The caller has loaded the checkpoint's state into ``modality`` and validated the
+    stream with :func:`check_items` (as :func:`decode_stream` does): this decodes one
+    payload only, with memory bounded by that item.
+    """
+    if not 0 <= index < len(stream.payloads):
+        raise IndexError(f"item {index} out of range: the stream holds "
+                         f"{len(stream.payloads)} items")
     q, model = quantizer(ck, stream.bits)
     n_code = ck.rep.code_size()
-    n_values = check_items(stream, modality, n_code, options)
-    common = stream.extra.get("common", {})
-    artifacts = []
-    for i, payload in enumerate(stream.payloads):
-        meta = merge_common(common, stream.items_meta[i])  # per item: never all at once
-        try:
-            symbols = decode_symbols(payload, n_code, model)
-        except ValueError as err:
-            raise bs.BitstreamError(f"item {i}: {limits.one_line(err)}") from None
+    meta = merge_common(stream.extra.get("common", {}), stream.items_meta[index])
+    rmeta = meta.pop("residual", None)
+    payload = stream.payloads[index]
+    code_bytes = payload if rmeta is None else payload[:len(payload) - rmeta["bytes"]]
+    try:
+        symbols = decode_symbols(code_bytes, n_code, model)
         code = torch.from_numpy(q.dequantize(symbols[None])).float()[0]
-        artifacts.append(modality.reconstruct(meta, predictor(ck, modality, code), options))
-    return Decoded(modality, artifacts, stream, len(data), n_values)
+        predict = predictor(ck, modality, code)
+        if rmeta is not None:
+            ints = res.decode_residual(rmeta, payload[len(code_bytes):])
+            values = ints.reshape(rmeta["points"], rmeta["channels"]) * float(rmeta["step"])
+            predict = res.Residual(values).wrap(predict)
+    except ValueError as err:
+        raise bs.BitstreamError(f"item {index}: {limits.one_line(err)}") from None
+    return modality.reconstruct(meta, predict, options)
 
 
 # constriction's range coder emits at least one 32-bit word for >= 1 symbol
@@ -307,6 +418,11 @@ def check_items(stream: bs.Bitstream, modality: Any, n_code: int, options: Any =
     for i, rest in enumerate(stream.items_meta):
         try:
             meta = merge_common(common, rest)
+            if "residual" in meta:
+                if stream.version < bs.BOUNDED_VERSION:
+                    raise ValueError(f"a residual in a format-{stream.version} stream")
+                total += res.check_residual(meta.pop("residual"), len(stream.payloads[i]),
+                                            need)
             n_values += limits.check_count(meta.get("n_values", 0), "n_values", 0)
             count = limits.check_count(modality.check_meta(meta, options),
                                        f"{modality.name}.check_meta()", 0)
@@ -321,6 +437,65 @@ def check_items(stream: bs.Bitstream, modality: Any, n_code: int, options: Any =
             except limits.LimitError as err:
                 raise bs.BitstreamError(str(err)) from None
     return n_values
+
+
+# -- skill scores: how much of the error a reference leaves the codec removes ------------
+def target_mse(signal: Signal, pred: Tensor) -> float:
+    """Mean squared error in target units over valid points and channels."""
+    err = (pred.detach().double() - signal.targets.double()) ** 2
+    if signal.mask is not None:
+        err = err[signal.mask.bool()]
+    return float(err.mean())
+
+
+def skill(mse: float, reference_mse: float | None) -> float | None:
+    """``1 - MSE / MSE_ref`` (1: perfect, 0: no better than the reference); None when the
+    reference is itself perfect or absent."""
+    if reference_mse is None or not reference_mse > 0:
+        return None
+    return 1.0 - mse / reference_mse
+
+
+def initial_predictions(ck: Checkpoint, modality, signals: Sequence[Signal]) -> list[Tensor]:
+    """What the meta-learned network predicts before any adaptation (its initial
+    modulations): the "training mean" reference. Empty for non-meta-learned methods."""
+    if not ck.rep.meta_learned:
+        return []
+    with torch.no_grad():
+        code = ck.rep.code_values(ck.rep.init_state(1))[0]
+    predict = predictor(ck, modality, code)
+    return [predict(s.coords) for s in signals]
+
+
+def climatology_mse(signals: Sequence[Signal], groups: Sequence[Any]) -> list[float | None]:
+    """Per item, the MSE of its group's per-point mean target (over the items of the
+    group valid there, the item included). None: no group, a group of one, or items of
+    different shapes in the group."""
+    out: list[float | None] = [None] * len(signals)
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g is not None:
+            members.setdefault(g, []).append(i)
+    for idx in members.values():
+        shapes = {tuple(signals[i].targets.shape) for i in idx}
+        if len(idx) < 2 or len(shapes) != 1:
+            continue
+        total = torch.zeros(next(iter(shapes)), dtype=torch.float64)
+        count = torch.zeros(total.shape[0], 1, dtype=torch.float64)
+        for i in idx:
+            valid = _valid(signals[i])
+            total += signals[i].targets.double() * valid
+            count += valid
+        clim = total / count.clamp_min(1)
+        for i in idx:
+            out[i] = target_mse(signals[i], clim)
+    return out
+
+
+def _valid(signal: Signal) -> Tensor:
+    if signal.mask is None:
+        return torch.ones(signal.n_points, 1, dtype=torch.float64)
+    return signal.mask.reshape(-1, 1).double()
 
 
 def psnr(mse: float) -> float:

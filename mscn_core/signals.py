@@ -1,13 +1,18 @@
-"""Signals and batches as the core sees them: sample inputs, targets, weights, nothing more."""
+"""Signals and batches as the core sees them: sample inputs, targets, weights, nothing more.
+
+torch is imported where it is used, not at the top: the registry imports this module (via
+the ``Modality`` base class) to *list* plugins, which must not cost torch's ~1 s import.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 
 @dataclass
@@ -57,6 +62,8 @@ def sample_batch(modality: Any, signals: Sequence[Signal], n: int,
     ``generator``: one shared by all signals, or one per signal (then a signal's samples
     do not depend on which others are in the batch).
     """
+    import torch
+
     gens = (generator if isinstance(generator, Sequence) else [generator] * len(signals))
     parts = [modality.sample(s, n, g) for s, g in zip(signals, gens, strict=True)]
     c, t, w = (torch.stack(x) for x in zip(*parts, strict=True))
@@ -65,6 +72,8 @@ def sample_batch(modality: Any, signals: Sequence[Signal], n: int,
 
 def whole_signal(signal: Signal) -> Batch:
     """Every sample of one signal as a batch of one (mask → weights)."""
+    import torch
+
     w = (signal.mask.to(signal.coords.dtype) if signal.mask is not None
          else torch.ones(signal.n_points, dtype=signal.coords.dtype))
     return Batch(signal.coords[None], signal.targets[None], w[None])
@@ -73,6 +82,8 @@ def whole_signal(signal: Signal) -> Batch:
 def full_batches(signals: Sequence[Signal], max_batch: int = 16
                  ) -> Iterator[tuple[list[int], Batch]]:
     """All samples of every item, in batches of items with the same number of samples."""
+    import torch
+
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(signals):
         groups.setdefault(s.n_points, []).append(i)

@@ -59,6 +59,11 @@ C17 ``check_meta``     ``check_meta(meta, options)`` accepts an item's meta as `
                        sees it (as under C12) and returns a non-negative int, positive
                        when the item has values (the number of values ``reconstruct``
                        will produce).
+C18 ``capabilities``   when offered: ``value_scale(meta)`` is a finite float > 0 and
+                       ``reconstruct`` (as decode calls it) predicts on exactly the
+                       signal's points (what an error-bounded stream needs),
+                       ``output_ulp(meta)`` a finite float >= 0, ``reference_group(item)``
+                       hashable or None.
 
 A clause that cannot run because an earlier one gave nothing to work on (no signals, no
 artifact) is reported as a *warning* saying so; warnings never make
@@ -93,6 +98,7 @@ CLAUSES: dict[str, str] = {
     "sample": "C5", "render": "C6", "objective": "C7", "n_values": "C8", "metrics": "C9",
     "item_template": "C10", "item_label": "C11", "reconstruct": "C12", "save": "C13",
     "read": "C14", "state": "C15", "view": "C16", "check_meta": "C17",
+    "capabilities": "C18",
 }
 
 _PROBE_POINTS = 64  # samples per item in the probe batch
@@ -460,6 +466,12 @@ def check_modality(modality: Any, items: Sequence[Any], *, tmp_dir: str | os.Pat
                       f">= 0), got {n!r}")
             c.require(n > 0 or n_item <= 0, f"returned 0 for an item of {n_item} values")
 
+    # C18 capabilities: value_scale, output_ulp, reference_group (optional) ---------------
+    if have_all and any(callable(getattr(m, k, None)) for k in
+                        ("value_scale", "output_ulp", "reference_group")):
+        with rec.clause("capabilities") as c:
+            _check_capabilities(c, m, signals[0], templates[0], predicts[0], items, opts)
+
     # C13 save --------------------------------------------------------------------------
     ext = (tuple(getattr(m, "file_extensions", ())) or (".out",))[0]
     out = tmp / f"reconstruction{ext}"
@@ -524,6 +536,40 @@ def assert_modality(modality: Any, items: Sequence[Any], *, tmp_dir: str | os.Pa
 
 
 # -- clause bodies -----------------------------------------------------------------------
+def _check_capabilities(c: _Clause, m: Any, s: Signal, template: Any, predict: Any,
+                        items: Sequence[Any], opts: Any) -> None:
+    meta = _json_round_trip(dict(s.meta, template=template, n_values=_safe_n_values(m, s)),
+                            "meta", bitstream=True)
+    for name, lo in (("value_scale", 0.0), ("output_ulp", None)):
+        fn = getattr(m, name, None)
+        if callable(fn):
+            v = fn(meta)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            c.require(ok and (v > 0 if lo is not None else v >= 0),
+                      f"{name}(meta) must be a finite float "
+                      f"{'> 0' if lo is not None else '>= 0'}, got {v!r}")
+    if callable(getattr(m, "value_scale", None)):
+        calls: list[int] = []
+
+        def counting(coords: Tensor) -> Tensor:
+            calls.append(int(coords.shape[0]))
+            return predict(coords).double()
+
+        m.reconstruct(meta, counting, opts)
+        c.require(calls and all(n == s.n_points for n in calls),
+                  f"with value_scale (error-bounded streams) reconstruct must predict on "
+                  f"the signal's {s.n_points} points, it asked for {calls or 'none'}")
+    fn = getattr(m, "reference_group", None)
+    if callable(fn):
+        for item in items:
+            g = fn(item)
+            try:
+                hash(g)
+            except TypeError:
+                c.require(False, f"reference_group(item) must be hashable or None, got "
+                          f"{type(g).__name__}")
+
+
 def _check_signal(c: _Clause, m: Any, s: Signal, i: int) -> None:
     n = s.coords.shape[0] if isinstance(s.coords, Tensor) else -1
     c.require(_is_float_tensor(s.coords) and s.coords.dim() == 2,

@@ -31,18 +31,22 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from mscn_core import limits
 from mscn_core.modality import Field, Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Signal
 from mscn_datasets import scenes
 from mscn_datasets.scenes import Intrinsics, Scene, SceneDataError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+# torch (~1 s) is imported by the functions that use it: listing plugins (``mscn
+# modalities``) imports this module and must stay fast.
 
 # Points per network call when rendering without gradients (views for metrics/output):
 # bounded memory at any image size; with gradients the batch is the caller's choice.
@@ -253,6 +257,8 @@ class NerfModality(Modality):
         return ctx, novel
 
     def to_signal(self, item: Scene, options: NerfOptions | None = None) -> SceneSignal:
+        import torch
+
         o = _opts(options)
         self._use_options(o)
         ctx, novel = self.split_views(item, o)
@@ -283,6 +289,8 @@ class NerfModality(Modality):
     def sample(self, signal: Signal, n: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
         """V context views (without replacement), ``n / V`` uniform rays from each."""
+        import torch
+
         intr = signal.meta["intrinsics"]
         hw = intr["height"] * intr["width"]
         n_ctx = len(signal.meta["context_views"])
@@ -298,6 +306,8 @@ class NerfModality(Modality):
     def render(self, field: Field, coords: Tensor) -> Tensor:
         """Rays ``(B, n, 6)`` → RGB ``(B, n, 3)``; with a 7th column, ``(B, n, 5)`` =
         RGB, depth (expected depth / opacity) and opacity."""
+        import torch
+
         if not torch.is_grad_enabled():
             step = max(1, RENDER_POINTS // (coords.shape[0] * int(self.render_cfg["samples"])))
             if coords.shape[1] > step:
@@ -311,6 +321,9 @@ class NerfModality(Modality):
     def render_rays(self, field: Field, origins: Tensor, dirs: Tensor
                     ) -> tuple[Tensor, Tensor, Tensor]:
         """Emission–absorption along rays ``(B, n, 3)``: colour, depth, opacity."""
+        import torch
+        import torch.nn.functional as F
+
         cfg = self.render_cfg
         s, near, far = int(cfg["samples"]), float(cfg["near"]), float(cfg["far"])
         b, n = origins.shape[:2]
@@ -447,6 +460,8 @@ class NerfModality(Modality):
     def render_views(self, predict: PredictFn, poses: np.ndarray, intr: Intrinsics
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Images ``(V, H, W, 3)`` and depths ``(V, H, W)`` (inf where nothing is hit)."""
+        import torch
+
         imgs, deps = [], []
         for pose in poses:
             rays = view_rays(pose, intr)

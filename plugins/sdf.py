@@ -19,27 +19,37 @@ plus ``near_samples`` surface points jittered at two noise scales. Each step dra
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from mscn_core import limits
 from mscn_core.modality import Field, Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Batch, Signal
 
-try:  # the shapes extra
+if TYPE_CHECKING:
+    import torch
     import trimesh
+    from torch import Tensor
 
-    from mscn_datasets import meshes, shape_metrics
-except ImportError as err:  # pragma: no cover - exercised only without the extra
+    from mscn_datasets import meshes
+
+# torch (~1 s), trimesh and the mesh readers are imported by the functions that use them:
+# listing plugins (``mscn modalities``) imports this module and must stay fast. A missing
+# shapes extra still breaks the plugin here, at import, so the listing reports it.
+_MISSING = [m for m in ("trimesh", "scipy") if importlib.util.find_spec(m) is None]
+if _MISSING:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"the sdf modality needs the shapes extra (pip install 'mscn[shapes]'): "
-                      f"{err}") from err
+                      f"No module named {_MISSING[0]!r}")
+# meshes.MESH_EXTENSIONS and meshes.PYTORCH3D_AVAILABLE, without importing trimesh
+# (tests/test_registry.py checks they agree).
+MESH_EXTENSIONS: tuple[str, ...] = (".obj", ".ply", ".off", ".stl", ".glb", ".gltf")
+PYTORCH3D_AVAILABLE = importlib.util.find_spec("pytorch3d") is not None
 
 # Unit-frame half-size of the box the lattice, the uniform samples and marching cubes
 # cover: the shape's [-0.5, 0.5]³ plus 10 % padding (Occupancy Networks' padding).
@@ -82,6 +92,8 @@ class ShapeSignal(Signal):
 
 def read_shapes(path: str | os.PathLike, max_faces: int, rotations: int) -> list[meshes.Shape]:
     """Meshes of a file (plus rotated copies); grids without a mesh are refused here."""
+    from mscn_datasets import meshes
+
     shapes = meshes.read_shapes(path, max_faces=max_faces)
     for s in shapes:
         if s.mesh is None:
@@ -96,10 +108,10 @@ class SdfModality(Modality):
     name = "sdf"
     description = ("signed distance functions of meshes (OBJ/PLY/OFF/STL/GLB) → marching cubes"
                    + ("; pytorch3d Meshes in/out (meshes.from_pytorch3d/to_pytorch3d)"
-                      if meshes.PYTORCH3D_AVAILABLE else ""))
+                      if PYTORCH3D_AVAILABLE else ""))
     in_dim = 3
     out_dim = 1
-    file_extensions = meshes.MESH_EXTENSIONS
+    file_extensions = MESH_EXTENSIONS
     options = SdfOptions
     points_per_step = 16384
     view_names = ("mesh", "meshes")
@@ -110,6 +122,8 @@ class SdfModality(Modality):
 
     def read(self, path: str | os.PathLike, options: SdfOptions | None = None
              ) -> list[meshes.Shape]:
+        from mscn_datasets import meshes
+
         o = _opts(options)
         shapes = read_shapes(path, o.max_faces, o.rotations)
         for s in shapes:
@@ -122,6 +136,10 @@ class SdfModality(Modality):
 
     # -- signals ----------------------------------------------------------------------
     def to_signal(self, item: meshes.Shape, options: SdfOptions | None = None) -> ShapeSignal:
+        import torch
+
+        from mscn_datasets import meshes
+
         o = _opts(options)
         self._use_loss_options(o)
         seed = zlib.crc32(item.name.encode())  # the whole name: knot1 and knot2 differ
@@ -140,6 +158,8 @@ class SdfModality(Modality):
     def sample(self, signal: Signal, n: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
         """``uniform_fraction`` from the lattice, the rest from the near-surface pool."""
+        import torch
+
         n_lat = int(signal.meta["n_lattice"])
         n_near = signal.n_points - n_lat
         k = n if n_near == 0 else int(round(self.loss["uniform_fraction"] * n))
@@ -173,6 +193,8 @@ class SdfModality(Modality):
         return field(coords) - 0.5
 
     def objective(self, field: Field, batch: Batch) -> Tensor:
+        import torch
+
         d, eikonal = self.loss["truncation"], self.loss["eikonal"]
         if eikonal > 0:
             coords = batch.coords.detach().requires_grad_(True)
@@ -193,6 +215,8 @@ class SdfModality(Modality):
         """Chamfer-L1, normal consistency, F-score@1 % of the lattice's marching-cubes mesh
         (unit cube, 100k points each way); IoU of inside/outside on the lattice; L1 near
         the surface (unit-cube units)."""
+        from mscn_datasets import meshes, shape_metrics
+
         n_lat, g = int(signal.meta["n_lattice"]), int(signal.meta["metric_grid"])
         p = pred.detach().reshape(-1).double().numpy() / NET_SCALE
         t = signal.targets.reshape(-1).double().numpy() / NET_SCALE
@@ -209,6 +233,8 @@ class SdfModality(Modality):
     def check_meta(self, meta: dict, options: SdfOptions | None = None) -> int:
         """Name and frame as :meth:`reconstruct` uses them; the values are the
         ``resolution``³ lattice queried for marching cubes."""
+        from mscn_datasets import meshes
+
         if not isinstance(meta.get("name"), str):
             raise ValueError(f"name must be a string, got {type(meta.get('name')).__name__}")
         meshes.Frame.from_dict(meta.get("frame"))
@@ -218,6 +244,10 @@ class SdfModality(Modality):
     def reconstruct(self, meta: dict, predict: PredictFn, options: SdfOptions | None = None,
                     template: meshes.Shape | None = None) -> meshes.Shape:
         """Marching cubes of the predicted SDF on ``resolution``³ → a Shape (unit frame)."""
+        import torch
+
+        from mscn_datasets import meshes
+
         if template is None:
             self.check_meta(meta, options)  # a stream's meta: validated before any allocation
         n = _opts(options).resolution
@@ -232,6 +262,8 @@ class SdfModality(Modality):
 
     def save(self, artifacts: list[meshes.Shape], path: str | os.PathLike,
              overwrite: bool = False, provenance: dict | None = None) -> Path:
+        from mscn_datasets import meshes
+
         return meshes.save_meshes(artifacts, path, overwrite, provenance)
 
     def view(self, truth: meshes.Shape, recon: meshes.Shape, path: str | os.PathLike,
@@ -252,6 +284,7 @@ def in_truth_frame(truth: meshes.Shape, other: meshes.Shape) -> trimesh.Trimesh:
 def view_meshes(truth: meshes.Shape, recon: meshes.Shape, path: str | os.PathLike,
                 overwrite: bool, animation: str | os.PathLike | None,
                 interactive: bool = False) -> Path:
+    from mscn_datasets import shape_metrics
     from mscn_viewers import mesh3d
 
     path = Path(path)

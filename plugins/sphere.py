@@ -17,15 +17,16 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from mscn_core import limits
 from mscn_core.modality import Modality, PredictFn
 from mscn_core.signals import Signal
+
+if TYPE_CHECKING:  # torch loads where it is used: listing plugins must not cost its ~1 s
+    from torch import Tensor
 
 try:  # the climate extra; without it the plugin reports a clear error when loaded
     import xarray as xr
@@ -138,27 +139,42 @@ def field_template(field: xr.DataArray, metadata: str = "full") -> dict:
         raise ValueError(f"metadata must be 'full' or 'cf', got {metadata!r}")
     for c in coords.values():
         c["attrs"] = {a: v for a, v in c["attrs"].items() if keep(a)}
+    encoding = climate.portable_encoding(field)
+    if metadata == "cf" and "global_attrs" in encoding:  # CF essentials only
+        encoding["global_attrs"] = {a: v for a, v in encoding["global_attrs"].items()
+                                    if a in ("Conventions",)}
     return {"name": str(field.name), "dims": list(field.dims), "dtype": str(field.dtype),
             "attrs": {a: _jsonable(b) for a, b in field.attrs.items() if keep(a)},
-            "coords": coords}
+            "coords": coords, "encoding": encoding}
 
 
 def template_coords(tmpl: dict) -> xr.Dataset:
     """The template's coordinates, CF-decoded (times back to dates where they decode)."""
     variables = {k: xr.Variable(c["dims"], _expand_axis(c["data"], c["dtype"]), c["attrs"])
                  for k, c in tmpl["coords"].items()}
-    try:
-        return xr.decode_cf(xr.Dataset(coords=variables))
-    except ValueError:  # times the reader also left undecoded (e.g. COADS year 0)
-        return xr.decode_cf(xr.Dataset(coords=variables), decode_times=False)
+    ds = xr.Dataset(coords=variables)
+    # as the reader decodes them: standard dates, else cftime (dates before 1582), else
+    # numbers (COADS year 0); never a warning
+    for times in (True, xr.coders.CFDatetimeCoder(use_cftime=True)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", xr.SerializationWarning)
+                return xr.decode_cf(ds, decode_times=times)
+        except (ValueError, xr.SerializationWarning):
+            continue
+    return xr.decode_cf(ds, decode_times=False)
 
 
 def template_field(tmpl: dict) -> xr.DataArray:
     """Inverse of :func:`field_template`: a NaN-filled DataArray with the same metadata."""
     decoded = template_coords(tmpl)
     shape = tuple(decoded.sizes[d] for d in tmpl["dims"])
-    return xr.DataArray(np.full(shape, np.nan, dtype=tmpl["dtype"]), dims=tmpl["dims"],
-                        coords=decoded.coords, name=tmpl["name"], attrs=tmpl["attrs"])
+    fill = np.nan if np.dtype(tmpl["dtype"]).kind == "f" else 0
+    out = xr.DataArray(np.full(shape, fill, dtype=tmpl["dtype"]), dims=tmpl["dims"],
+                       coords=decoded.coords, name=tmpl["name"], attrs=tmpl["attrs"])
+    if "encoding" in tmpl:  # the file's format, global attributes, packing, fill values
+        out = climate.apply_portable_encoding(out, tmpl["encoding"])
+    return out
 
 
 # -- validation of stream metadata (it may be forged: nothing is sized before a check) ----
@@ -261,6 +277,8 @@ def check_template(tmpl: Any, shape: tuple[int, int], limit: int) -> None:
     for key in ("name", "dims", "dtype", "attrs", "coords"):
         if key not in tmpl:
             raise ValueError(f"template has no {key!r}")
+    if "encoding" in tmpl:
+        climate.check_portable_encoding(tmpl["encoding"])
     _check_name(tmpl["name"], "template name")
     dims = tmpl["dims"]
     if not isinstance(dims, list) or len(dims) != 2 or dims[0] == dims[1]:
@@ -307,9 +325,14 @@ def _template_grid(tmpl: dict) -> tuple[int, int]:
 class SphereOptions:
     """What a climate user picks: which variable and fields, which output grid."""
 
-    var: str | None = None  # variable to use (default: the only one with lat/lon)
-    # select along a dimension, e.g. --sel isobaricInhPa=850 (repeatable)
+    # variable to use, repeatable: --var t --var z (default: every variable on a lat/lon
+    # grid); each field carries its own scaling in the stream
+    var: list[str] = field(default_factory=list)
+    # select along a dimension, e.g. --sel isobaricInhPa=850 (repeatable; a,b keeps several)
     sel: list[str] = field(default_factory=list)
+    # how --sel matches: exact (numbers within 1e-6 relative, times and names exactly) or
+    # nearest (within half a spacing; the value used is printed)
+    sel_method: Literal["exact", "nearest"] = "exact"
     # write or decode on a global grid of this spacing (degrees) instead of the input's
     resolution: float | None = None
     # metadata kept in a stream: every attribute (full) or the CF essentials (cf)
@@ -323,9 +346,9 @@ class SphereOptions:
     central_longitude: float = 0.0
     # view: matplotlib colormap of the truth and reconstruction panels
     cmap: str = "viridis"
-    # view: lower colour limit of the truth/reconstruction panels (default: robust 2nd pct)
+    # view: lower colour limit of truth and reconstruction (default: truth's 1st percentile)
     vmin: float | None = None
-    # view: upper colour limit (default: robust 98th percentile)
+    # view: upper colour limit (default: the truth's 99th percentile)
     vmax: float | None = None
     # view: which panels, in order, comma-separated: truth,recon,error (e.g. error only)
     panels: str = "truth,recon,error"
@@ -361,6 +384,19 @@ def _on_lat_lon(var: xr.DataArray) -> bool:
                 and np.nanmax(lo) - np.nanmin(lo) <= 360.01)
 
 
+_ENSEMBLE_NAMES = ("number", "member", "ensemble", "realization", "realisation", "ens")
+
+
+def _is_time_like(name: str, coord: xr.DataArray) -> bool:
+    """A coordinate a climatology averages over: time (by dtype, CF axis/units or name)
+    or ensemble member."""
+    units = str(coord.attrs.get("units", ""))
+    return (coord.dtype.kind in "Mm" or coord.dtype == object
+            or coord.attrs.get("axis") == "T" or coord.attrs.get("standard_name") == "time"
+            or " since " in units or "time" in name.lower()
+            or name.lower() in _ENSEMBLE_NAMES)
+
+
 NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
 
 
@@ -378,6 +414,7 @@ class SphereModality(Modality):
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
         self._grid_checked: tuple[dict, tuple[int, int]] | None = None  # see check_meta
+        self._warned: set[str] = set()  # variables already reported as unknown
 
     # -- reading ----------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
@@ -401,15 +438,18 @@ class SphereModality(Modality):
             ds.close()
 
     def read(self, path: str | os.PathLike, options: SphereOptions | None = None, *,
-             var: str | None = None, sel: dict | Sequence[str] | None = None
+             var: str | Sequence[str] | None = None, sel: dict | Sequence[str] | None = None
              ) -> list[xr.DataArray]:
-        """2-D fields of one variable; ``var``/``sel`` override ``options`` (Python API)."""
+        """2-D fields of the chosen variables (default: all on a lat/lon grid), in file
+        order; ``var``/``sel`` override ``options`` (Python API)."""
         opts = _options(options)
-        var = var if var is not None else opts.var
+        var = var if var is not None else (opts.var or None)
+        if isinstance(var, list | tuple) and len(var) == 1:
+            var = var[0]
         sel = sel if sel is not None else (opts.sel or None)
         if sel is not None and not isinstance(sel, dict):
             sel = climate.parse_sel(list(sel))
-        return climate.field_items([path], var=var, sel=sel)
+        return climate.field_items([path], var=var, sel=sel, sel_method=opts.sel_method)
 
     def item_label(self, item: xr.DataArray) -> str:
         """Variable, scalar coordinates (time, member, level) and shape."""
@@ -434,16 +474,25 @@ class SphereModality(Modality):
         self.scaling = {k: list(v) for k, v in state.get("scaling", {}).items()}
 
     def scale_for(self, field: xr.DataArray) -> tuple[float, float, str]:
+        """The [0, 1] scaling: the checkpoint's training range for a variable it knows,
+        else the field's own range (carried in the stream: 16 bytes); said once."""
         k = variable_key(field)
         if k in self.scaling:
             lo, hi = self.scaling[k]
             return lo, hi, "training-set range of " + k
+        if self.scaling and k not in self._warned:
+            self._warned.add(k)
+            known = ", ".join(sorted(self.scaling))
+            warnings.warn(f"{k} is not in the checkpoint's training set ({known}): scaled by "
+                          "each field's own range, carried in the stream", stacklevel=2)
         v = np.asarray(field.values, dtype=np.float64)
         lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
         return lo, (hi if hi > lo else lo + 1.0), "own field range (variable not in checkpoint)"
 
     # -- signals ----------------------------------------------------------------------
     def to_signal(self, item: xr.DataArray, options: SphereOptions | None = None) -> Signal:
+        import torch
+
         try:  # a lazily opened field (the accessor, the Python API) loads its values here
             values, lat, lon, _ = climate.normalize_field(item)
         except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
@@ -478,6 +527,8 @@ class SphereModality(Modality):
         return signal.n_points
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
+        import torch
+
         lo, hi = signal.meta["scale"]
         p = pred.detach().reshape(-1).double()
         t = signal.targets.reshape(-1).double()
@@ -490,8 +541,35 @@ class SphereModality(Modality):
         return {"psnr_db": -10 * math.log10(max(mse01, 1e-20)),
                 "rmse": math.sqrt(mse01) * span,
                 "mae": float(err.abs().mean()) * span,
+                "max_abs_error": float(err.abs().max()) * span,
+                "bias": float(err.mean()) * span,  # mean(recon - truth), the field's units
                 "rmse_area_weighted": math.sqrt(float((w * err**2).sum() / w.sum())) * span,
                 "scale_min": lo, "scale_max": hi}
+
+    def value_scale(self, meta: dict) -> float:
+        """Field units per unit of the [0, 1] targets (error bounds are in field units)."""
+        lo, hi = meta["scale"]
+        return float(hi) - float(lo)
+
+    def output_ulp(self, meta: dict) -> float:
+        """Float outputs round to their dtype: its spacing near the largest magnitude a
+        decoded value can take (the scaling's ends, a whole range beyond)."""
+        dtype = np.dtype(meta["template"]["dtype"])
+        if dtype.kind != "f":
+            return 0.0
+        lo, hi = (float(v) for v in meta["scale"])
+        return float(np.spacing(dtype.type(max(abs(lo), abs(hi)) + (hi - lo))))
+
+    def reference_group(self, item: xr.DataArray) -> tuple | None:
+        """Fields of one climatology: same variable, units, grid and non-time scalar
+        coordinates (level...); times, members and realisations are what it averages."""
+        keep = []
+        for k, c in sorted(item.coords.items(), key=lambda kv: str(kv[0])):
+            if c.ndim != 0 or _is_time_like(str(k), c):
+                continue
+            keep.append((str(k), str(c.values)))
+        return (str(item.name), str(item.attrs.get("units", "")), tuple(item.shape),
+                tuple(keep))
 
     # -- artifacts --------------------------------------------------------------------
     def check_meta(self, meta: dict, options: SphereOptions | None = None) -> int:
@@ -532,6 +610,8 @@ class SphereModality(Modality):
     def reconstruct(self, meta: dict, predict: PredictFn, options: SphereOptions | None = None,
                     template: xr.DataArray | None = None) -> xr.DataArray:
         """The field as a DataArray; ``options.resolution`` (degrees) gives a new global grid."""
+        import torch
+
         if template is None:
             self.check_meta(meta, options)  # a stream's meta: validated before any allocation
             template = template_field(meta["template"])
@@ -560,16 +640,14 @@ class SphereModality(Modality):
     def save(self, artifacts: xr.DataArray | list[xr.DataArray], path: str | os.PathLike,
              overwrite: bool = False, provenance: dict | None = None) -> Path:
         """One NetCDF; provenance (checkpoint hash, bits per value) becomes attributes."""
+        prov = dict(provenance or {})
         fields = artifacts if isinstance(artifacts, list) else [artifacts]
         for a in fields:
-            a.attrs.update({f"mscn_{k}": v for k, v in (provenance or {}).items()})
-        try:
-            obj = climate.stack_fields(fields)
-        except climate.ClimateDataError:
-            if len(fields) > 1:
-                raise
-            obj = fields[0]  # one decoded field: nothing to stack along
-        return climate.write_netcdf(obj, path, overwrite=overwrite)
+            a.attrs.update({f"mscn_{k}": v for k, v in prov.items()
+                            if k in ("checkpoint_sha256", "bits_per_value", "max_abs_error")
+                            and v is not None})
+        return climate.write_netcdf(climate.stack_variables(fields), path, overwrite=overwrite,
+                                    history=history_line(prov))
 
     def view(self, truth: xr.DataArray, recon: xr.DataArray, path: str | os.PathLike,
              options: SphereOptions | None = None, overwrite: bool = False,
@@ -591,6 +669,21 @@ class SphereModality(Modality):
         return out
 
 
+def history_line(provenance: dict) -> str:
+    """CDO's habit: what made the file, in one line (the date is added by the writer)."""
+    parts = []
+    if provenance.get("checkpoint_sha256"):
+        parts.append(f"checkpoint sha256 {str(provenance['checkpoint_sha256'])[:16]}")
+    if provenance.get("bits"):
+        parts.append(f"{provenance['bits']} bits")
+    if provenance.get("bits_per_value") is not None:
+        parts.append(f"{float(provenance['bits_per_value']):.4g} bits/value")
+    if provenance.get("max_abs_error") is not None:
+        parts.append(f"max abs error {float(provenance['max_abs_error']):.6g}")
+    command = str(provenance.get("command") or "mscn")
+    return f"{command} ({', '.join(parts)})" if parts else command
+
+
 def globe_stats(truth: xr.DataArray, recon: xr.DataArray) -> dict:
     """PSNR on the checkpoint's scaling (kept in the recon's attrs), RMSE, bits if decoded."""
     from mscn_viewers.globe import error_on_truth_grid
@@ -607,30 +700,4 @@ def globe_stats(truth: xr.DataArray, recon: xr.DataArray) -> dict:
     return stats
 
 
-@xr.register_dataarray_accessor("mscn")
-class MscnAccessor:
-    """``da.mscn.fit(ckpt)``: the field(s) of a DataArray as the checkpoint represents them."""
-
-    def __init__(self, da: xr.DataArray):
-        self._da = da
-
-    def fit(self, checkpoint: str | os.PathLike, steps: int | None = None,
-            bits: int | None = None, resolution: float | None = None) -> xr.DataArray:
-        from mscn_core.checkpoint import load_checkpoint
-        from mscn_core.pipeline import adapt_codes, predictor, quantize_codes
-
-        ck = load_checkpoint(checkpoint)
-        if ck.modality != SphereModality.name:
-            raise ValueError(f"{checkpoint} is a {ck.modality!r} checkpoint, not 'sphere'")
-        modality = SphereModality()
-        modality.load_state(ck.modality_state)
-        name = self._da.name if self._da.name is not None else "field"
-        fields = list(climate.iter_fields(self._da.rename(name)))
-        signals = [modality.to_signal(f) for f in fields]
-        codes = adapt_codes(ck, modality, signals, steps=steps)
-        if bits:
-            _, codes = quantize_codes(ck, codes, bits)
-        opts = SphereOptions(resolution=resolution)
-        recon = [modality.reconstruct(s.meta, predictor(ck, modality, c), opts, template=f)
-                 for s, c, f in zip(signals, codes, fields, strict=True)]
-        return recon[0] if self._da.ndim == 2 else climate.stack_fields(recon)
+from mscn_plugins import sphere_xarray as _sphere_xarray  # noqa: E402,F401 - ds.mscn / da.mscn

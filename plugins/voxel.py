@@ -14,25 +14,32 @@ accuracy) shows and accuracy hides.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from mscn_core import limits
 from mscn_core.modality import Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Batch, Signal
 
-try:  # the shapes extra
-    from mscn_datasets import meshes, shape_metrics
-except ImportError as err:  # pragma: no cover - exercised only without the extra
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from mscn_datasets import meshes
+
+# torch (~1 s), trimesh and the mesh readers are imported by the functions that use them:
+# listing plugins (``mscn modalities``) imports this module and must stay fast. A missing
+# shapes extra still breaks the plugin here, at import, so the listing reports it.
+_MISSING = [m for m in ("trimesh", "scipy") if importlib.util.find_spec(m) is None]
+if _MISSING:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"the voxel modality needs the shapes extra (pip install "
-                      f"'mscn[shapes]'): {err}") from err
+                      f"'mscn[shapes]'): No module named {_MISSING[0]!r}")
 
 LOGIT_SCALE = 10.0  # raw output 0.5 ± 0.3 ↔ probability 0.05…0.95
 NET_SCALE = 2.0  # network coordinates = NET_SCALE × unit-frame coordinates
@@ -61,6 +68,8 @@ def _opts(options: VoxelOptions | None) -> VoxelOptions:
 
 def read_npz(path: str | os.PathLike) -> list[meshes.Shape]:
     """Our own .npz (``save``): occupancy (N, R, R, R), names and frames as JSON."""
+    from mscn_datasets import meshes
+
     try:
         with np.load(path, allow_pickle=False) as z:
             occ = np.asarray(z["occupancy"]).astype(bool)
@@ -91,6 +100,8 @@ class VoxelModality(Modality):
     def guess_can_open(self, path: str | os.PathLike) -> bool:
         """binvox, HDF5 with a ``voxels`` dataset, or our .npz; meshes only when asked
         (``--modality voxel``): by default a mesh is the SDF modality's."""
+        from mscn_datasets import meshes
+
         p = Path(path)
         if not p.is_file():
             return False
@@ -100,6 +111,8 @@ class VoxelModality(Modality):
 
     def read(self, path: str | os.PathLike, options: VoxelOptions | None = None
              ) -> list[meshes.Shape]:
+        from mscn_datasets import meshes
+
         o = _opts(options)
         if Path(path).suffix.lower() == ".npz":
             return read_npz(path)
@@ -130,6 +143,10 @@ class VoxelModality(Modality):
 
     # -- signals ----------------------------------------------------------------------
     def to_signal(self, item: meshes.Shape, options: VoxelOptions | None = None) -> Signal:
+        import torch
+
+        from mscn_datasets import meshes
+
         o = _opts(options)
         stored = {"balance": self.balance} if self._from_checkpoint else None
         self.balance = checkpoint_settings(o, ("balance",), stored)["balance"]
@@ -147,6 +164,8 @@ class VoxelModality(Modality):
     def sample(self, signal: Signal, n: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
         """Balanced: ``balance`` of the samples from occupied voxels, the rest empty."""
+        import torch
+
         occupied = signal.targets[:, 0] > 0.5
         on, off = occupied.nonzero().squeeze(1), (~occupied).nonzero().squeeze(1)
         k = int(round(self.balance * n)) if len(off) else n
@@ -156,6 +175,8 @@ class VoxelModality(Modality):
         return signal.coords[pick], signal.targets[pick], torch.ones(n)
 
     def objective(self, field, batch: Batch) -> Tensor:
+        import torch.nn.functional as F
+
         logits = LOGIT_SCALE * (self.render(field, batch.coords) - 0.5)
         bce = F.binary_cross_entropy_with_logits(logits, batch.targets,
                                                  reduction="none").mean(dim=-1)
@@ -167,6 +188,8 @@ class VoxelModality(Modality):
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
         """Voxel accuracy (the paper's) and IoU (telling on mostly-empty grids)."""
+        from mscn_datasets import shape_metrics
+
         p = pred.detach().reshape(-1).numpy() > 0.5
         t = signal.targets.reshape(-1).numpy() > 0.5
         return {"accuracy": shape_metrics.voxel_accuracy(p, t),
@@ -177,6 +200,8 @@ class VoxelModality(Modality):
     def check_meta(self, meta: dict, options: VoxelOptions | None = None) -> int:
         """Name, frame and grid resolution as :meth:`reconstruct` uses them; the values
         are the voxels of the output grid (``output_resolution`` or the item's)."""
+        from mscn_datasets import meshes
+
         if not isinstance(meta.get("name"), str):
             raise ValueError(f"name must be a string, got {type(meta.get('name')).__name__}")
         meshes.Frame.from_dict(meta.get("frame"))
@@ -188,6 +213,10 @@ class VoxelModality(Modality):
     def reconstruct(self, meta: dict, predict: PredictFn, options: VoxelOptions | None = None,
                     template: meshes.Shape | None = None) -> meshes.Shape:
         """Occupancy at any resolution, and its marching-cubes mesh (unit frame)."""
+        import torch
+
+        from mscn_datasets import meshes
+
         if template is None:
             self.check_meta(meta, options)  # a stream's meta: validated before any allocation
         r = _opts(options).output_resolution or int(meta["resolution"])
@@ -206,6 +235,7 @@ class VoxelModality(Modality):
         """By extension: .npz (all items, frames), .binvox (one item, original frame),
         .h5 (IM-NET layout), or a mesh format (marching cubes, original frame)."""
         from mscn_core.atomic import write_atomic
+        from mscn_datasets import meshes
 
         path = Path(path)
         shapes = artifacts if isinstance(artifacts, list) else [artifacts]
@@ -238,6 +268,7 @@ class VoxelModality(Modality):
              options: VoxelOptions | None = None, overwrite: bool = False,
              animation: str | os.PathLike | None = None) -> Path:
         """Truth voxels beside the reconstruction: false positives red, misses blue."""
+        from mscn_datasets import meshes, shape_metrics
         from mscn_viewers import mesh3d
 
         path = Path(path)
@@ -263,6 +294,8 @@ class VoxelModality(Modality):
 def occupancy_in_frame(shape: meshes.Shape, truth: meshes.Shape) -> np.ndarray:
     """``shape``'s occupancy on ``truth``'s grid (same frame and resolution), resampled
     by nearest voxel through the original frame when they differ."""
+    from mscn_datasets import meshes
+
     r = truth.occupancy.shape[0]
     same = (shape.occupancy is not None and shape.occupancy.shape == truth.occupancy.shape
             and np.allclose(shape.frame.center, truth.frame.center, atol=1e-6 * truth.frame.scale)

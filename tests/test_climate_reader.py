@@ -7,6 +7,7 @@ The vendored subsets in datasets/data always run; the five shared files in
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import xarray as xr
 
 from mscn_datasets import vendored_path
 from mscn_datasets.climate import (
+    SEL_RTOL,
     ClimateDataError,
     check_global_regular,
     field_items,
@@ -27,7 +29,9 @@ from mscn_datasets.climate import (
     regular_latlon,
     restore_layout,
     select_fields,
+    select_variables,
     stack_fields,
+    stack_variables,
     write_netcdf,
 )
 
@@ -102,9 +106,10 @@ def test_era5_level_selection():
     assert len(fields) == 40
     assert all(float(f["isobaricInhPa"]) == 850.0 for f in fields)
     assert da.dims == ("number", "time", "latitude", "longitude")
-    # CLI strings, level alias and nearest match on numeric coords
+    # CLI strings, level alias; nearest match only when asked, and it says what it chose
     assert len(list(iter_fields(select_fields(ds, "t", ["isobaricInhPa=850"])))) == 40
-    near = select_fields(ds, "t", ["level=849", "number=1,2"])
+    with pytest.warns(UserWarning, match=r"^isobaricInhPa=849: nearest is 850$"):
+        near = select_fields(ds, "t", ["level=849", "number=1,2"], sel_method="nearest")
     assert float(near["isobaricInhPa"]) == 850.0
     assert len(list(iter_fields(near))) == 2 * 4
     with pytest.raises(ClimateDataError, match="cannot select"):
@@ -381,3 +386,88 @@ def test_corrupt_and_missing_files(tmp_path):
         open_climate(bad)
     with pytest.raises(ClimateDataError, match="does not exist"):
         open_climate(tmp_path / "nope.nc")
+
+
+# ------------------------------------------------ exact selection and every variable
+
+
+def test_exact_selection_refuses_a_missing_level():
+    """--sel isobaricInhPa=700 on levels [850, 500] used to give 850 silently."""
+    ds = _era5()
+    with pytest.raises(ClimateDataError) as info:
+        select_fields(ds, "t", {"isobaricInhPa": 700})
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("selection isobaricInhPa=700 matches no isobaricInhPa value")
+    assert "[850, 500]" in msg and f"{SEL_RTOL:g}" in msg
+    with pytest.raises(ClimateDataError, match=r"isobaricInhPa=700 .*\[850, 500\]"):
+        field_items([vendored_path(ERA5_V)], var="t", sel=["isobaricInhPa=700"])
+    # float noise is not a different level; integer and float spellings both match
+    assert float(select_fields(ds, "t", {"isobaricInhPa": 850.0000001})["isobaricInhPa"]) == 850
+    assert float(select_fields(ds, "t", {"isobaricInhPa": 500.0})["isobaricInhPa"]) == 500
+    with pytest.raises(ClimateDataError, match="number=10 matches no number value"):
+        select_fields(ds, "t", {"number": 10})
+
+
+def test_nearest_selection_says_what_it_chose():
+    ds = _era5()
+    with pytest.warns(UserWarning, match=r"^isobaricInhPa=700: nearest is 850$") as rec:
+        da = select_fields(ds, "t", {"isobaricInhPa": 700}, sel_method="nearest")
+    assert float(da["isobaricInhPa"]) == 850 and len(rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact hit says nothing
+        select_fields(ds, "t", {"isobaricInhPa": 500}, sel_method="nearest")
+    with pytest.raises(ClimateDataError, match="more than half a spacing"):
+        select_fields(ds, "t", {"isobaricInhPa": 1100}, sel_method="nearest")
+    with pytest.raises(ClimateDataError, match="sel_method"):
+        select_fields(ds, "t", {"isobaricInhPa": 500}, sel_method="closest")
+
+
+def test_time_selection_is_one_instant():
+    """A date string is one instant, never pandas' partial-string range."""
+    ds = _era5()
+    da = select_fields(ds, "t", {"time": "2017-01-01T12"})
+    assert da["time"].values == np.datetime64("2017-01-01T12:00")
+    assert "time" not in da.dims
+    # '2017-01' is 2017-01-01T00:00 (which exists), not the whole month
+    assert select_fields(ds, "t", {"time": "2017-01"})["time"].ndim == 0
+    with pytest.raises(ClimateDataError,
+                       match=r"time=2017-01-01T06 matches no time value .*2017-01-01T12:00:00"):
+        select_fields(ds, "t", {"time": "2017-01-01T06"})
+    with pytest.raises(ClimateDataError, match="date coordinate"):
+        select_fields(ds, "t", {"time": 2017})
+    two = select_fields(ds, "t", {"time": ["2017-01-01T00", "2017-01-02T12"]})
+    assert two.sizes["time"] == 2
+
+
+def test_every_variable_and_lists():
+    """--var t --var z used to encode only z; var=None takes every gridded variable."""
+    path = vendored_path(ERA5_V)
+    ds = _era5()
+    assert [a.name for a in select_variables(ds)] == ["t", "z"]  # file order
+    assert [a.name for a in select_variables(ds, ["z", "t", "z"])] == ["z", "t"]
+    items = field_items([path], sel={"isobaricInhPa": 850})
+    assert [f.name for f in items] == ["t"] * 40 + ["z"] * 40
+    assert all(float(f["isobaricInhPa"]) == 850 for f in items)
+    assert items[0].attrs["units"] == "K" and items[-1].attrs["units"] == "m**2 s**-2"
+    both = field_items([path], var=["z", "t"], sel=["number=1", "isobaricInhPa=500"])
+    assert [f.name for f in both] == ["z"] * 4 + ["t"] * 4
+    with pytest.raises(ClimateDataError, match="several gridded variables"):
+        select_fields(ds, ["t", "z"])
+    with pytest.raises(ClimateDataError, match=r"cannot select 'height': no chosen variable"):
+        field_items([path], var=["t", "z"], sel={"height": 2})
+    with pytest.raises(ClimateDataError, match="variable 'q' not found"):
+        field_items([path], var=["t", "q"])
+
+
+def test_write_several_variables_with_history_line(tmp_path):
+    items = field_items([vendored_path(ERA5_V)], sel={"number": 0})
+    out = write_netcdf(stack_variables(items), tmp_path / "tz.nc",
+                       history="mscn fit era5.nc --checkpoint c.safetensors --bits 8")
+    back = xr.open_dataset(out)
+    assert list(back.data_vars) == ["t", "z"] and back["t"].dims[0] == "time"
+    first, *rest = back.attrs["history"].split("\n")
+    assert first.endswith(": mscn fit era5.nc --checkpoint c.safetensors --bits 8")
+    assert "\n".join(rest) == _era5().attrs["history"]
+    assert back.attrs["Conventions"] == _era5().attrs["Conventions"]
+    back.close()

@@ -335,9 +335,9 @@ def test_bitstream_error_messages():
     with pytest.raises(BitstreamError, match="bad magic"):
         read_bitstream(b"MX")
     with pytest.raises(
-        BitstreamError, match=r"unsupported format version 2 \(this build reads 1\)"
+        BitstreamError, match=r"unsupported format version 3 \(this build reads 1 and 2\)"
     ):
-        read_bitstream(_reseal(data[:4] + struct.pack("<H", 2) + data[6:-CHECKSUM_LEN]))
+        read_bitstream(_reseal(data[:4] + struct.pack("<H", 3) + data[6:-CHECKSUM_LEN]))
     with pytest.raises(BitstreamError, match=r"truncated: expected at least \d+ bytes, got 40"):
         read_bitstream(data[:40])  # cut inside the header JSON: only a lower bound is known
     with pytest.raises(

@@ -8,6 +8,7 @@ neither exists.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,202 @@ def test_missing_shapefile_is_a_clear_error_not_a_download(tmp_path, t850, monke
     with pytest.raises(FileNotFoundError, match="Vendored Natural Earth shapefile missing"):
         globe.render_field(t850, tmp_path / "x.png", coast_resolution="10m", dpi=30)
     assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------- view options
+
+
+COADS = SHARED / "coads_climatology_2deg.nc"
+
+
+def _smooth(da: xr.DataArray) -> xr.DataArray:
+    """A plausible reconstruction: 3x3 box mean (periodic in lon), NaNs kept."""
+    v = da.values.astype(float)
+    with warnings.catch_warnings():  # all-land neighbourhoods: NaN, as they should
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = np.nanmean([np.roll(np.roll(v, i, 0), j, 1)
+                          for i in (-1, 0, 1) for j in (-1, 0, 1)], 0)
+    return da.copy(data=np.where(np.isfinite(v), out, np.nan))
+
+
+@pytest.fixture(scope="module")
+def sst() -> xr.DataArray:
+    """COADS July SST (land NaN, time 'hour since 0000-01-01'), or ERA5 t850 with a fake
+    land mask and the same time coordinate when the shared file is absent."""
+    attrs = {"units": "hour since 0000-01-01 00:00:00", "modulo": " "}
+    if COADS.is_file():
+        with xr.open_dataset(COADS, decode_times=False) as ds:
+            return ds["SST"].isel(TIME=6).load()
+    with xr.open_dataset(_data_file("era5_t_z_3deg_2017-01-01.nc", "era5*.nc")) as ds:
+        t = ds["t"].isel(number=0, time=0).sel(isobaricInhPa=850).load()
+    t = t.where(np.abs(t["latitude"]) < 60).drop_vars(["time", "valid_time"], errors="ignore")
+    return t.assign_coords(TIME=xr.Variable((), 4748.91, attrs))
+
+
+@pytest.fixture
+def layouts(monkeypatch) -> list[list[dict]]:
+    """What each figure held when written: one dict per map axes (projection, title, clim)."""
+    from cartopy.mpl.geoaxes import GeoAxes
+
+    seen: list[list[dict]] = []
+    save = globe._save_png
+
+    def spy(fig, path, overwrite):
+        seen.append([{"proj": type(ax.projection).__name__,
+                      "lon_0": ax.projection.proj4_params.get(  # PlateCarree: pm
+                          "lon_0", ax.projection.proj4_params.get("pm")),
+                      "title": ax.get_title(), "clim": ax.collections[0].get_clim(),
+                      "cmap": ax.collections[0].get_cmap().name}
+                     for ax in fig.axes if isinstance(ax, GeoAxes)])
+        return save(fig, path, overwrite)
+
+    monkeypatch.setattr(globe, "_save_png", spy)
+    return seen
+
+
+def test_default_layout_unchanged(tmp_path, t850, layouts):
+    globe.render_globe(t850, _smooth(t850), tmp_path / "g.png", dpi=30)
+    axes = layouts[-1]
+    assert [a["proj"] for a in axes] == ["PlateCarree"] * 3 + ["Orthographic"] * 3
+    assert [a["title"].split(" ")[0] for a in axes[:3]] == ["Truth", "Reconstruction", "Error"]
+    assert globe.globe_figsize() == globe.globe_figsize("both", "truth,recon,error")
+    assert globe.globe_figsize()[0] == 15.0
+
+
+@pytest.mark.parametrize(
+    "projection, panels, rows",
+    [("robinson", "truth,recon,error", ["Robinson"]),
+     ("platecarree", "error", ["PlateCarree"]),
+     ("orthographic", "recon,truth", ["Orthographic"]),
+     ("both", "error,truth", ["PlateCarree", "Orthographic"])],
+)
+def test_projection_and_panels(tmp_path, t850, layouts, projection, panels, rows):
+    out = globe.render_globe(t850, _smooth(t850), tmp_path / "g.png", projection=projection,
+                             panels=panels, central_longitude=180.0, dpi=30)
+    cols = panels.split(",")
+    axes = layouts[-1]
+    assert [a["proj"] for a in axes] == [r for r in rows for _ in cols]
+    assert all(a["lon_0"] in (180.0, 180) for a in axes)
+    names = {"truth": "Truth", "recon": "Reconstruction", "error": "Error"}
+    assert [a["title"].split(" ")[0] for a in axes[: len(cols)]] == [names[c] for c in cols]
+    w, h = _expected_size(globe.globe_figsize(projection, panels), 30)
+    with Image.open(out) as im:
+        assert abs(im.size[0] - w) <= 1 and abs(im.size[1] - h) <= 1  # matplotlib truncates
+    px = _pixels(out)
+    assert px.std() > 30, "image looks blank"
+    if "error" in cols:  # the diverging error map has both reds and blues
+        r, b = px[..., 0], px[..., 2]
+        assert ((r - b) > 80).sum() > 100 and ((b - r) > 80).sum() > 100
+
+
+def test_error_only_is_difference_only(tmp_path, t850, layouts):
+    globe.render_globe(t850, _smooth(t850), tmp_path / "e.png", projection="platecarree",
+                       panels="error", dpi=30)
+    (ax,) = layouts[-1]
+    lo, hi = ax["clim"]
+    assert ax["cmap"] == "RdBu_r" and lo == -hi and 0 < hi < 10  # kelvin differences
+
+
+def test_cmap_and_limits(tmp_path, t850, layouts):
+    globe.render_globe(t850, _smooth(t850), tmp_path / "g.png", projection="robinson",
+                       cmap="magma", vmin=240, vmax=300, dpi=30)
+    truth, recon, err = layouts[-1]
+    assert truth["clim"] == recon["clim"] == (240.0, 300.0)
+    assert truth["cmap"] == recon["cmap"] == "magma" and err["cmap"] == "RdBu_r"
+    globe.render_globe(t850, t850, tmp_path / "g.png", panels="truth", vmin=250, dpi=30)
+    lo, hi = layouts[-1][0]["clim"]
+    assert lo == 250.0 and hi > 280  # the other end stays robust
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"projection": "mercator"}, "choose one of both, platecarree, robinson, orthographic"),
+     ({"panels": "truth,diff"}, "unknown panel 'diff'"),
+     ({"panels": " , "}, "no panels"),
+     ({"panels": "truth,truth"}, "repeat"),
+     ({"cmap": "viridi"}, "did you mean viridis"),
+     ({"vmin": 300, "vmax": 250}, "vmin < vmax"),
+     ({"vmin": 400}, "vmin < vmax"),
+     ({"vmax": float("nan")}, "finite")],
+)
+def test_bad_options_are_one_line_errors(tmp_path, t850, kw, match):
+    for call in (lambda: globe.render_globe(t850, t850, tmp_path / "x.png", **kw),
+                 lambda: globe.rotating_globe_gif(t850, tmp_path / "x.gif", frames=1,
+                                                  truth=t850, **kw)):
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_land_nans_stay_blank(tmp_path, sst):
+    out = globe.render_globe(sst, _smooth(sst), tmp_path / "sst.png", projection="platecarree",
+                             panels="truth", dpi=40)
+    px = _pixels(out)
+    white = (px.min(-1) > 245).mean()
+    assert px.std() > 30 and 0.2 < white < 0.8  # land and ice blank, ocean coloured
+
+
+# --------------------------------------------------------------------------- decoded times
+
+
+def test_undecoded_times_show_dates(sst, t850):
+    assert "TIME=Jul 16 (climatology)" in globe.item_identity(sst)  # year 0 + modulo
+    field = t850.drop_vars(["time", "valid_time"])
+    raw = {"days since 2017-01-01": (1.5, "time=2017-01-02 12:00"),
+           "hours since 1980-01-14 14:00:00": (17598.0, "time=1982-01-16 20:00"),
+           "months since 1958-1-1": (14, "time=1959-03-01"),
+           "days since the dawn": (3, "time=3"),  # undecodable: the raw value
+           "K": (3.5, "time=3.5")}
+    for units, (value, shown) in raw.items():
+        da = field.assign_coords(time=xr.Variable((), value, {"units": units}))
+        assert shown in globe.item_identity(da), units
+    noleap = field.assign_coords(time=xr.Variable((), 59, {"units": "days since 2001-01-01",
+                                                          "calendar": "noleap"}))
+    assert "time=2001-03-01" in globe.item_identity(noleap)
+
+
+def test_title_shows_decoded_time(tmp_path, sst, monkeypatch):
+    titles = []
+    save = globe._save_png
+    monkeypatch.setattr(globe, "_save_png", lambda fig, p, o: (
+        titles.append(fig.get_suptitle()), save(fig, p, o))[1])
+    globe.render_globe(sst, sst, tmp_path / "g.png", panels="truth", projection="robinson",
+                       dpi=20)
+    assert "TIME=Jul 16 (climatology)" in titles[0] and "4748" not in titles[0]
+
+
+# --------------------------------------------------------------------------- animation
+
+
+def _gif_frames(path: Path) -> list[np.ndarray]:
+    with Image.open(path) as im:
+        out = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            out.append(np.asarray(im.convert("RGB"), dtype=np.int16))
+    return out
+
+
+def test_gif_truth_recon_error_side_by_side(tmp_path, t850):
+    out = globe.rotating_globe_gif(_smooth(t850), tmp_path / "spin.gif", frames=3, dpi=30,
+                                   truth=t850, projection="both", central_longitude=30)
+    frames = _gif_frames(out)
+    assert len(frames) == 3
+    assert frames[0].shape == (138, 360, 3)  # three 4.0 x 4.6 in panels at 30 dpi
+    for f in frames:
+        thirds = np.split(f[20:110], 3, axis=1)  # the globes, below the title
+        for third in thirds:
+            assert third.std() > 20, "an empty panel"
+        r, b = thirds[2][..., 0], thirds[2][..., 2]
+        assert ((r - b) > 80).sum() > 20 and ((b - r) > 80).sum() > 20  # error: red and blue
+    assert np.abs(frames[0] - frames[1]).mean() > 1  # rotates
+
+
+def test_gif_panels_and_projection(tmp_path, t850):
+    out = globe.rotating_globe_gif(t850, tmp_path / "a.gif", frames=2, dpi=20, truth=t850,
+                                   panels="error,truth", projection="robinson")
+    with Image.open(out) as im:
+        assert im.n_frames == 2 and im.size == (160, 92)  # two panels; globes, not maps
+    with pytest.raises(ValueError, match="need the truth field"):
+        globe.rotating_globe_gif(t850, tmp_path / "b.gif", frames=1, panels="error")

@@ -860,3 +860,71 @@ def test_each_plugin_is_imported_once(plugins, tmp_path):
     assert out["after_get"] == out["after_list"]  # neither re-imported, the broken included
     assert out["same_module"] and out["fresh"]
     assert out["instances_after_get"] == 3  # get_modality gives a fresh instance each time
+
+
+# -- listing stays light ---------------------------------------------------------------
+
+
+def test_builtin_plugins_import_their_heavy_libraries_on_use():
+    """``mscn modalities`` imports every plugin: torch and the mesh stack (trimesh, scipy,
+    open3d) load when a plugin first reads or scores something, not when it is listed."""
+    out = _child_json('''
+        import json, sys
+        from mscn_core import registry
+        rows = [r for r in registry.list_modalities() if r.distribution == "mscn"]
+        print(json.dumps({"rows": {r.name: [r.status, r.in_dim, r.out_dim, r.viewer]
+                                   for r in rows},
+                          "heavy": [m for m in ("trimesh", "scipy", "open3d", "igl")
+                                    if m in sys.modules]}))
+        ''')
+    assert out["rows"] == {"nerf": ["ok", 3, 4, True], "sdf": ["ok", 3, 1, True],
+                           "sphere": ["ok", 3, 1, True], "voxel": ["ok", 3, 1, True]}
+    assert out["heavy"] == []
+
+
+def test_builtin_plugins_and_cli_parser_do_not_import_torch():
+    """torch (~1 s) loads when a plugin first computes, so ``mscn modalities`` and
+    ``mscn fit --help`` stay under a second (bench/cli_startup.py measures it). Toy
+    plugins installed by this module may import torch, so the built-ins are imported
+    directly."""
+    out = _child_json('''
+        import json, sys
+        import mscn_plugins.sphere, mscn_plugins.sdf, mscn_plugins.voxel, mscn_plugins.nerf
+        from mscn_core import cli
+        cli.build_parser(mscn_plugins.sphere.SphereModality(), light=True)
+        print(json.dumps("torch" in sys.modules))
+        ''')
+    assert out is False
+
+
+def test_lazy_plugin_constants_match_the_mesh_readers():
+    """sdf keeps copies of two mesh-reader constants so that listing skips trimesh."""
+    from mscn_datasets import meshes
+    from mscn_plugins import sdf
+
+    assert sdf.MESH_EXTENSIONS == meshes.MESH_EXTENSIONS == sdf.SdfModality.file_extensions
+    assert sdf.PYTORCH3D_AVAILABLE == meshes.PYTORCH3D_AVAILABLE
+
+
+def test_signals_module_does_not_import_torch():
+    out = _child_json('''
+        import json, sys
+        import mscn_core.signals
+        print(json.dumps("torch" in sys.modules))
+        ''')
+    assert out is False
+
+
+def test_missing_shapes_extra_still_reports_the_mesh_plugins_broken():
+    """The mesh stack loads lazily, but a missing one is still found when listing."""
+    out = _child_json('''
+        import json, sys
+        sys.modules["trimesh"] = None  # as if the shapes extra were not installed
+        from mscn_core import registry
+        print(json.dumps({r.name: [r.status, r.error] for r in registry.list_modalities()
+                          if r.distribution == "mscn"}))
+        ''')
+    for name in ("sdf", "voxel"):
+        assert out[name][0] == "error"
+        assert "needs the shapes extra" in out[name][1] and "trimesh" in out[name][1]
+    assert out["sphere"][0] == out["nerf"][0] == "ok"

@@ -27,15 +27,25 @@ field is normalised to ascending latitude and longitude in [-180, 180); global
 (periodic) grids get a wrapped extra column so that the seam is covered.
 Cells are drawn with ``pcolormesh`` using proper cell edges (latitude edges
 clipped to +/-90), NaN cells are left blank.
+
+View options (``mscn view globe ... --projection/--central-longitude/--cmap/--vmin/
+--vmax/--panels``) are checked before anything is drawn; a bad one is a one-line
+:class:`ValueError` naming the choices.  Titles show scalar coordinates, with numeric
+CF times (``units="hour since 0000-01-01"``, left undecoded by the reader) decoded by
+cftime: ``TIME=Jan 16 (climatology)`` rather than ``TIME=366``.
 """
 
 from __future__ import annotations
 
+import calendar
+import difflib
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -59,10 +69,14 @@ __all__ = [
 #: Folder containing ``shapefiles/natural_earth/...`` (cartopy layout).
 NATURAL_EARTH_DIR = Path(__file__).resolve().parent / "data" / "naturalearth"
 
-PROJECTIONS = ("both", "platecarree", "orthographic")
+#: ``projection`` choices: "both" is a PlateCarree map row above an Orthographic globe row.
+PROJECTIONS = ("both", "platecarree", "robinson", "orthographic")
+#: ``panels`` choices; any non-empty subset, in any order, e.g. "error" alone.
+PANELS = ("truth", "recon", "error")
 
 _PANEL_W = 5.0  # inches per column in render_globe
-_PC_ROW_H = 2.75  # PlateCarree row (2:1 map + title)
+_PC_ROW_H = 2.75  # PlateCarree / Robinson row (2:1 map + title)
+_MIN_W = 7.5  # a one-panel figure still fits the title and stats line
 _ORTHO_ROW_H = 3.9  # Orthographic row
 _HEADER_H = 0.6  # suptitle
 _CBAR_H = 0.75  # bottom colour bars
@@ -286,8 +300,67 @@ def _cbar_label(da: xr.DataArray, prefix: str | None = None) -> str:
     return f"{base} [{u}]" if u else base
 
 
-def _fmt_scalar(v: Any) -> str:
+def _fmt_date(d: Any, climatology: bool = False) -> str:
+    """``2017-01-01 12:00`` (time dropped at midnight); ``Jan 16 (climatology)`` for a
+    climatological axis, whose year (often 0) means nothing."""
+    if climatology:
+        return f"{calendar.month_abbr[d.month]} {d.day} (climatology)"
+    s = f"{d.year:04d}-{d.month:02d}-{d.day:02d}"
+    return s if (d.hour, d.minute) == (0, 0) else f"{s} {d.hour:02d}:{d.minute:02d}"
+
+
+def _decode_time(v: Any, attrs: Mapping[str, Any]) -> str | None:
+    """A numeric time with CF ``units="<unit> since <date>"`` as a date, or None.
+
+    Why: readers leave times they cannot decode numeric (COADS ``hour since 0000-01-01``
+    has a year 0 that the standard calendar lacks; a recon may carry raw times), and
+    ``TIME=366`` says nothing. cftime decodes them, year 0 allowed on a second try.
+    """
+    units = str(attrs.get("units", ""))
+    if " since " not in units or np.asarray(v).dtype.kind not in "fiu":
+        return None
+    import cftime
+
+    cal = str(attrs.get("calendar", "standard")).strip().lower() or "standard"
+    for extra in ({}, {"has_year_zero": True}):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                d = cftime.num2date(float(v), units, calendar=cal, **extra)
+        except Exception:  # noqa: BLE001 - undecodable units: the raw value is shown
+            continue
+        clim = d.year == 0 or "modulo" in attrs or "climatology" in attrs
+        return _fmt_date(d, clim)
+    return _months_since(v, units, cal, attrs)
+
+
+def _months_since(v: Any, units: str, cal: str, attrs: Mapping[str, Any]) -> str | None:
+    """``months since 1958-1-1`` (NCAR files): cftime refuses it outside 360_day because a
+    month has no fixed length; a whole number of calendar months is still a clear date."""
+    import cftime
+
+    unit, _, ref = units.partition(" since ")
+    if unit.strip().lower() not in ("month", "months") or float(v) != round(float(v)):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = cftime.num2date(0, f"days since {ref}", calendar=cal, has_year_zero=True)
+    except Exception:  # noqa: BLE001
+        return None
+    year, month = divmod(r.month - 1 + int(round(float(v))), 12)
+    d = SimpleNamespace(year=r.year + year, month=month + 1, day=r.day, hour=r.hour,
+                        minute=r.minute)
+    return _fmt_date(d, d.year == 0 or "modulo" in attrs or "climatology" in attrs)
+
+
+def _fmt_scalar(v: Any, attrs: Mapping[str, Any] | None = None) -> str:
+    """A scalar coordinate value for a title; numeric CF times (``attrs`` units) as dates."""
     v = np.asarray(v)
+    if attrs:
+        date = _decode_time(v, attrs)
+        if date is not None:
+            return date
     if np.issubdtype(v.dtype, np.datetime64):
         s = np.datetime_as_string(v, unit="m").replace("T", " ")
         return s[:-6] if s.endswith(" 00:00") else s
@@ -296,7 +369,10 @@ def _fmt_scalar(v: Any) -> str:
         return f"{hours:g}h"
     if np.issubdtype(v.dtype, np.floating):
         return f"{float(v):g}"
-    return str(v.item() if v.ndim == 0 else v)
+    item = v.item() if v.ndim == 0 else v
+    if all(hasattr(item, a) for a in ("year", "month", "day", "calendar")):  # cftime object
+        return _fmt_date(item)
+    return str(item)
 
 
 def _redundant_coord(da: xr.DataArray, name: str) -> bool:
@@ -326,7 +402,7 @@ def item_identity(da: xr.DataArray) -> str:
         if _redundant_coord(da, str(k)):
             continue
         try:
-            parts.append(f"{k}={_fmt_scalar(c.values)}")
+            parts.append(f"{k}={_fmt_scalar(c.values, c.attrs)}")
         except Exception:  # identity is cosmetic
             continue
     return " · ".join(parts)
@@ -400,11 +476,13 @@ def _projection(kind: str, central_longitude: float, central_latitude: float):
 
     if kind == "platecarree":
         return ccrs.PlateCarree(central_longitude=central_longitude)
+    if kind == "robinson":
+        return ccrs.Robinson(central_longitude=central_longitude)
     if kind == "orthographic":
         return ccrs.Orthographic(
             central_longitude=central_longitude, central_latitude=central_latitude
         )
-    raise ValueError(f"unknown projection {kind!r}; expected one of {PROJECTIONS}")
+    raise ValueError(f"unknown projection {kind!r}; choose one of {', '.join(PROJECTIONS)}")
 
 
 def _draw(
@@ -423,14 +501,19 @@ def _draw(
     """Draw one normalised-at-lon-0 field onto a GeoAxes; returns the QuadMesh."""
     import cartopy.crs as ccrs
 
-    if kind == "platecarree":
-        # Shift the data itself so the axes' own CRS is the transform: exact, no seam wrapping.
+    if kind in ("platecarree", "robinson"):
+        # Maps: shift the data itself so the map's seam (c ± 180) is the data's lon ±180 and
+        # the source CRS shares the map's centre: no cell straddles the seam.
         field = normalize_field(da, central_longitude)
         transform = ccrs.PlateCarree(central_longitude=central_longitude)
     else:
         field = normalize_field(da, 0.0)
         transform = ccrs.PlateCarree()
     lon_e, lat_e, values = _mesh(field)
+    if kind == "robinson":
+        # The wrapped seam columns would project onto the far edge of a curved map; clip
+        # them to the seam instead (a PlateCarree map clips them by its rectangular frame).
+        lon_e = np.clip(lon_e, -179.999, 179.999)
     mesh = ax.pcolormesh(
         lon_e,
         lat_e,
@@ -473,19 +556,69 @@ def _save_png(fig, path, overwrite: bool) -> Path:
 
 
 def _check_projection(projection: str) -> list[str]:
-    p = projection.lower().replace("_", "").replace(" ", "")
+    """The rows of a ``projection`` choice, or a one-line error listing the choices."""
+    p = str(projection).lower().replace("_", "").replace(" ", "").replace("-", "")
     if p == "both":
         return ["platecarree", "orthographic"]
-    if p in ("platecarree", "orthographic"):
+    if p in PROJECTIONS:
         return [p]
-    raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(PROJECTIONS)}")
 
 
-def globe_figsize(projection: str = "both") -> tuple[float, float]:
+def _check_panels(panels: str | Sequence[str]) -> list[str]:
+    """``"truth,recon,error"`` (or a list) → validated panel names, in the order given."""
+    items = str(panels).split(",") if isinstance(panels, str) else list(panels)
+    names = [str(x).strip().lower() for x in items if str(x).strip()]
+    names = ["recon" if n in ("reconstruction", "rec") else n for n in names]
+    choices = ",".join(PANELS)
+    if not names:
+        raise ValueError(f"no panels given; pick a comma-separated subset of {choices}")
+    for n in names:
+        if n not in PANELS:
+            raise ValueError(f"unknown panel {n!r}; pick a comma-separated subset of {choices}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"panels {','.join(names)!r} repeat a panel; each of {choices} once")
+    return names
+
+
+def _check_cmap(cmap: str, what: str = "cmap") -> str:
+    """A colormap name registered with matplotlib, or a one-line error with close matches."""
+    import matplotlib
+
+    if isinstance(cmap, str) and cmap in matplotlib.colormaps:
+        return cmap
+    close = difflib.get_close_matches(str(cmap), list(matplotlib.colormaps), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "e.g. viridis, magma, RdBu_r"
+    raise ValueError(f"unknown {what} {cmap!r} (not in matplotlib.colormaps); {hint}")
+
+
+def _colour_limits(
+    values: np.ndarray, vmin: float | None, vmax: float | None, robust: bool
+) -> tuple[float, float]:
+    """Explicit ``vmin``/``vmax`` override the robust (1st–99th percentile) range."""
+    for name, v in (("vmin", vmin), ("vmax", vmax)):
+        if v is not None and not np.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    lo, hi = (0.0, 1.0) if vmin is not None and vmax is not None else _robust_range(values, robust)
+    lo = float(vmin) if vmin is not None else lo
+    hi = float(vmax) if vmax is not None else hi
+    if not lo < hi:
+        raise ValueError(f"colour limits need vmin < vmax, got vmin={lo:g}, vmax={hi:g}")
+    return lo, hi
+
+
+def _row_height(kind: str) -> float:
+    return _ORTHO_ROW_H if kind == "orthographic" else _PC_ROW_H
+
+
+def globe_figsize(
+    projection: str = "both", panels: str | Sequence[str] = PANELS
+) -> tuple[float, float]:
     """Figure size in inches used by :func:`render_globe` (pixels = inches * dpi)."""
     rows = _check_projection(projection)
-    h = _HEADER_H + _CBAR_H + sum(_PC_ROW_H if r == "platecarree" else _ORTHO_ROW_H for r in rows)
-    return (3 * _PANEL_W, h)
+    n = len(_check_panels(panels))
+    h = _HEADER_H + _CBAR_H + sum(_row_height(r) for r in rows)
+    return (max(n * _PANEL_W, _MIN_W), h)
 
 
 def _title_block(truth: xr.DataArray, title: str | None, stats: Mapping | None) -> str:
@@ -510,6 +643,9 @@ def render_globe(
     dpi=110,
     error: xr.DataArray | None = None,
     cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    panels: str | Sequence[str] = "truth,recon,error",
     error_cmap: str = "RdBu_r",
     robust: bool = True,
     central_latitude: float = 20.0,
@@ -522,42 +658,50 @@ def render_globe(
     The error (recon − truth) is computed on the truth grid by periodic linear
     interpolation of ``recon`` unless ``error`` is given.  Truth and recon share
     one colour scale (truth's 1st–99th percentiles, or min/max if
-    ``robust=False``); the error uses ``error_cmap`` symmetric about zero at
-    ±99th percentile of |error|.  ``projection`` is "both" (PlateCarree row and
-    Orthographic row), "platecarree" or "orthographic".  Image size in pixels
-    is ``globe_figsize(projection) * dpi``.  Returns the written path.
+    ``robust=False``; ``vmin``/``vmax`` override either end); the error uses
+    ``error_cmap`` symmetric about zero at ±99th percentile of |error|.
+    ``projection`` is "both" (PlateCarree row and Orthographic row), "platecarree",
+    "robinson" or "orthographic", all centred on ``central_longitude``.  ``panels``
+    picks the columns and their order (a comma-separated subset of truth,recon,error;
+    "error" alone is a difference-only view).  Options are checked before anything
+    is drawn; a bad one is a one-line :class:`ValueError`.  Image size in pixels is
+    ``globe_figsize(projection, panels) * dpi``.  Returns the written path.
     """
     rows = _check_projection(projection)
+    cols = _check_panels(panels)
+    _check_cmap(cmap)
+    _check_cmap(error_cmap, "error_cmap")
     if not overwrite and Path(path).exists():
         raise FileExistsError(f"{path} exists and overwrite=False")
     configure_cartopy()
     t = normalize_field(truth)
     r = normalize_field(recon)
+    vmin, vmax = _colour_limits(t.values, vmin, vmax, robust)
     err = normalize_field(error) if error is not None else error_on_truth_grid(truth, recon)
-    vmin, vmax = _robust_range(t.values, robust)
     emax = _symmetric_range(err.values)
     finite = np.isfinite(err.values)
     rmse = float(np.sqrt(np.mean(err.values[finite] ** 2))) if finite.any() else float("nan")
     units = _units(t)
 
-    fig = _new_figure(globe_figsize(projection), dpi, layout="constrained")
-    heights = [_PC_ROW_H if k == "platecarree" else _ORTHO_ROW_H for k in rows]
-    gs = fig.add_gridspec(len(rows), 3, height_ratios=heights)
+    fig = _new_figure(globe_figsize(projection, cols), dpi, layout="constrained")
+    gs = fig.add_gridspec(len(rows), len(cols), height_ratios=[_row_height(k) for k in rows])
     field_axes, err_axes = [], []
     mesh_f = mesh_e = None
-    col_titles = [
-        "Truth",
-        "Reconstruction" + (f"  ({r.sizes['lat']}×{r.sizes['lon']})" if r.shape != t.shape else ""),
-        f"Error (recon − truth), RMSE {rmse:.3g} {units}".rstrip(),
-    ]
+    col_titles = {
+        "truth": "Truth",
+        "recon": "Reconstruction"
+        + (f"  ({r.sizes['lat']}×{r.sizes['lon']})" if r.shape != t.shape else ""),
+        "error": f"Error (recon − truth), RMSE {rmse:.3g} {units}".rstrip(),
+    }
+    fields = {"truth": t, "recon": r, "error": err}
     for i, kind in enumerate(rows):
         proj = _projection(kind, central_longitude, central_latitude)
-        ortho = kind == "orthographic"
-        for j, (field, is_err) in enumerate(((t, False), (r, False), (err, True))):
+        for j, name in enumerate(cols):
+            is_err = name == "error"
             ax = fig.add_subplot(gs[i, j], projection=proj)
             m = _draw(
                 ax,
-                field,
+                fields[name],
                 kind,
                 central_longitude,
                 cmap=error_cmap if is_err else cmap,
@@ -565,23 +709,25 @@ def render_globe(
                 vmax=emax if is_err else vmax,
                 coastlines=True,
                 coast_resolution=coast_resolution,
-                gridlines=ortho,
+                gridlines=kind == "orthographic",
             )
             if i == 0:
-                ax.set_title(col_titles[j], fontsize=10)
+                ax.set_title(col_titles[name], fontsize=10)
             (err_axes if is_err else field_axes).append(ax)
             if is_err:
                 mesh_e = m
             else:
                 mesh_f = m
-    cb = fig.colorbar(
-        mesh_f, ax=field_axes, location="bottom", shrink=0.6, aspect=40, extend="both", pad=0.02
-    )
-    cb.set_label(_cbar_label(t))
-    cbe = fig.colorbar(
-        mesh_e, ax=err_axes, location="bottom", shrink=0.9, aspect=20, extend="both", pad=0.02
-    )
-    cbe.set_label(_cbar_label(t, "recon − truth"))
+    if mesh_f is not None:
+        wide = len(field_axes) > len(rows)  # the bar spans truth and recon
+        cb = fig.colorbar(mesh_f, ax=field_axes, location="bottom", shrink=0.6 if wide else 0.9,
+                          aspect=40 if wide else 20, extend="both", pad=0.02)
+        cb.set_label(_cbar_label(t))
+    if mesh_e is not None:
+        cbe = fig.colorbar(
+            mesh_e, ax=err_axes, location="bottom", shrink=0.9, aspect=20, extend="both", pad=0.02
+        )
+        cbe.set_label(_cbar_label(t, "recon − truth"))
     fig.suptitle(_title_block(truth, title, stats), fontsize=12)
     return _save_png(fig, path, overwrite)
 
@@ -616,14 +762,12 @@ def render_field(
     (8, 4.6) per panel, or (8, 4) bare.
     """
     kinds = _check_projection(projection)
+    _check_cmap(cmap)
     if not overwrite and Path(path).exists():
         raise FileExistsError(f"{path} exists and overwrite=False")
     configure_cartopy()
     f = normalize_field(da)
-    if vmin is None or vmax is None:
-        lo, hi = _robust_range(f.values, robust)
-        vmin = lo if vmin is None else vmin
-        vmax = hi if vmax is None else vmax
+    vmin, vmax = _colour_limits(f.values, vmin, vmax, robust)
     if bare:
         colorbar = False
         figsize = figsize or (8.0 * len(kinds), 4.0)
@@ -669,68 +813,101 @@ def rotating_globe_gif(
     frames=24,
     dpi=80,
     *,
+    truth: xr.DataArray | None = None,
+    panels: str | Sequence[str] | None = None,
+    projection: str = "orthographic",
+    central_longitude: float = 0.0,
     cmap: str = "viridis",
     vmin: float | None = None,
     vmax: float | None = None,
+    error_cmap: str = "RdBu_r",
     robust: bool = True,
     central_latitude: float = 20.0,
-    start_longitude: float = 0.0,
     duration_ms: int = 120,
     title: str | None = None,
     coastlines: bool = True,
     coast_resolution: str = "110m",
     overwrite: bool = True,
 ) -> Path:
-    """Write an animated GIF of Orthographic views rotating eastward through 360°.
+    """Write an animated GIF of Orthographic globes rotating eastward through 360°.
 
-    Frame ``k`` is centred on longitude ``start_longitude + 360·k/frames``; all
-    frames share one colour scale.  Written atomically with pillow.
+    ``da`` is the reconstruction.  With ``truth``, each frame shows the ``panels``
+    (default truth, recon, error) side by side, all centred on the same longitude;
+    without it, the reconstruction alone.  Frame ``k`` is centred on longitude
+    ``central_longitude + 360·k/frames``; all frames share one colour scale (the
+    truth's, as in :func:`render_globe`; ``vmin``/``vmax`` override it).
+
+    The rotating frames are always Orthographic globes: rotating a flat map only
+    scrolls it sideways, so ``projection`` (validated: a typo is still an error) does
+    not change the animation and ``central_longitude`` is where the rotation starts.
+    Written atomically with pillow.
     """
     from PIL import Image
 
     frames = int(frames)
     if frames < 1:
         raise ValueError("frames must be >= 1")
+    _check_projection(projection)
+    if panels is None:
+        panels = PANELS if truth is not None else ("recon",)
+    cols = _check_panels(panels)
+    if truth is None and set(cols) - {"recon"}:
+        raise ValueError(f"panels {','.join(cols)!r} need the truth field (truth=...)")
+    _check_cmap(cmap)
+    _check_cmap(error_cmap, "error_cmap")
     if not overwrite and Path(path).exists():
         raise FileExistsError(f"{path} exists and overwrite=False")
     configure_cartopy()
     f = normalize_field(da)
-    lo, hi = _robust_range(f.values, robust)
-    vmin = lo if vmin is None else vmin
-    vmax = hi if vmax is None else vmax
-    head = title if title else _var_label(da)
-    ident = item_identity(da)
+    fields = {"recon": f}
+    if truth is not None:
+        fields["truth"] = normalize_field(truth)
+        fields["error"] = error_on_truth_grid(truth, da)
+    ref = fields.get("truth", f)
+    vmin, vmax = _colour_limits(ref.values, vmin, vmax, robust)
+    emax = _symmetric_range(fields["error"].values) if "error" in fields else 1.0
+    labelled = truth if truth is not None else da
+    head = title if title else _var_label(labelled)
+    ident = item_identity(labelled)
+    names = {"truth": "Truth", "recon": "Reconstruction", "error": "Error (recon − truth)"}
 
-    fig = _new_figure((4.0, 4.6), dpi)
+    n = len(cols)
+    fig = _new_figure((4.0 * n, 4.6), dpi)
     images = []
     try:
         for k in range(frames):
-            lon0 = float(_wrap180(start_longitude + 360.0 * k / frames))
+            lon0 = float(_wrap180(central_longitude + 360.0 * k / frames))
             fig.clear()
-            ax = fig.add_axes(
-                (0.04, 0.17, 0.92, 0.70),
-                projection=_projection("orthographic", lon0, central_latitude),
-            )
-            mesh = _draw(
-                ax,
-                f,
-                "orthographic",
-                lon0,
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
-                coastlines=coastlines,
-                coast_resolution=coast_resolution,
-                gridlines=True,
-            )
-            cax = fig.add_axes((0.12, 0.09, 0.76, 0.035))
-            cb = fig.colorbar(mesh, cax=cax, orientation="horizontal", extend="both")
-            cb.set_label(_cbar_label(f), fontsize=8)
-            cb.ax.tick_params(labelsize=7)
+            for j, name in enumerate(cols):
+                x0, w = j / n, 1.0 / n
+                is_err = name == "error"
+                ax = fig.add_axes(
+                    (x0 + 0.04 * w, 0.17, 0.92 * w, 0.70 if n == 1 else 0.66),
+                    projection=_projection("orthographic", lon0, central_latitude),
+                )
+                mesh = _draw(
+                    ax,
+                    fields[name],
+                    "orthographic",
+                    lon0,
+                    cmap=error_cmap if is_err else cmap,
+                    vmin=-emax if is_err else vmin,
+                    vmax=emax if is_err else vmax,
+                    coastlines=coastlines,
+                    coast_resolution=coast_resolution,
+                    gridlines=True,
+                )
+                if n > 1:
+                    ax.set_title(names[name], fontsize=9, pad=3)
+                cax = fig.add_axes((x0 + 0.12 * w, 0.09, 0.76 * w, 0.035))
+                cb = fig.colorbar(mesh, cax=cax, orientation="horizontal", extend="both")
+                cb.set_label(_cbar_label(ref, "recon − truth" if is_err else None), fontsize=8)
+                cb.ax.tick_params(labelsize=7)
             fig.suptitle(f"{head}\n{ident}" if ident else head, fontsize=9, y=0.985)
             hemi = "E" if lon0 >= 0 else "W"
             fig.text(
-                0.98, 0.885, f"centre {abs(lon0):.0f}°{hemi}", ha="right", fontsize=7, color="0.3"
+                0.98, 0.885 if n == 1 else 0.93, f"centre {abs(lon0):.0f}°{hemi}", ha="right",
+                fontsize=7, color="0.3",
             )
             fig.canvas.draw()
             rgba = np.asarray(fig.canvas.buffer_rgba())
@@ -750,4 +927,3 @@ def rotating_globe_gif(
         )
 
     return _write_file(path, write, overwrite)
-

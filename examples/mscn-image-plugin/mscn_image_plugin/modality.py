@@ -176,6 +176,19 @@ class ImageModality(Modality):
         mse_float = float(((pred.detach().double() - target) ** 2).mean())
         return {"psnr_db": psnr_db(mse), "mse": mse, "psnr_db_float": psnr_db(mse_float)}
 
+    # -- optional capabilities (error-bounded encoding, climatology skill) --------------
+    def value_scale(self, meta: dict) -> float:
+        """8-bit levels per unit of the [0, 1] targets: ``--max-abs-error 2`` means 2 levels."""
+        return 255.0
+
+    def output_ulp(self, meta: dict) -> float:
+        """PNG stores whole 8-bit levels: rounding adds up to half a level."""
+        return 1.0
+
+    def reference_group(self, item: ImageItem) -> tuple[int, int]:
+        """Images of one size share pixel positions: their per-pixel mean is a reference."""
+        return item.shape
+
     # -- artifacts --------------------------------------------------------------------
     def check_meta(self, meta: dict, options: ImageOptions | None = None) -> int:
         """A stream item's size claims, checked before the core decodes anything (a forged
