@@ -81,3 +81,47 @@ def test_reports_carry_max_error_and_bias_and_skill(tmp_path):
         assert 0.6 < row["skill_vs_training_mean"] <= 1.0, row
         assert 0.6 < row["skill_vs_climatology"] <= 1.0, row
         assert {"max_abs_error", "bias"} <= set(row)
+
+
+def test_long_commands_show_progress_with_items_per_second(tmp_path):
+    """On a terminal, encode and decode show a bar with a rate (tqdm only draws on a tty,
+    so the command runs under a pseudo-terminal here)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from clirun import ENV
+
+    def on_tty(*args: object) -> str:
+        main, child = pty.openpty()
+        # a terminal of 100 columns (a fresh pty has 0, and tqdm then draws nothing)
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        proc = subprocess.Popen([sys.executable, "-m", "mscn_core", *map(str, args)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=child, env=ENV)
+        os.close(child)  # the child holds its own copy; EIO once it exits and is drained
+        chunks = []
+        try:
+            while True:
+                try:
+                    data = os.read(main, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        finally:
+            os.close(main)
+        text = b"".join(chunks).decode("utf-8", "replace")
+        assert proc.wait(timeout=300) == 0, text[-2000:]
+        return text
+
+    stream = tmp_path / "t.mscn"
+    text = on_tty("encode", ERA5, *HELD, "--checkpoint", CKPT, "-o", stream)
+    assert "/s" in text and "adapt" in text, text[-500:]
+    text = on_tty("decode", stream, "--checkpoint", CKPT, "-o", tmp_path / "t.nc")
+    assert "/s" in text and "decode" in text, text[-500:]
