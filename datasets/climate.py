@@ -1,4 +1,8 @@
-"""Reader for global latitude/longitude climate fields (NetCDF / zarr).
+"""Reader for climate fields on latitude/longitude grids (NetCDF / zarr).
+
+Any grid on the sphere (:func:`find_grid`): regular global grids take the historic
+normalised path below; Gaussian, regional, curvilinear (2-D lat/lon) and unstructured
+(one cell dim) fields keep their own layout and are read as points (:func:`field_points`).
 
 Real files name their axes in many ways (``latitude``/``lat``/``COADSY``/``FNOCY``...),
 store latitude north-to-south or south-to-north, and use longitude conventions such as
@@ -52,6 +56,13 @@ __all__ = [
     "field_items",
     "field_to_dataarray",
     "find_lat_lon",
+    "find_grid",
+    "Grid",
+    "GRID_KINDS",
+    "check_grid",
+    "field_points",
+    "grid_points",
+    "promote_grid_coords",
     "iter_fields",
     "normalize_field",
     "open_climate",
@@ -81,6 +92,9 @@ _ENC_TIME = "mscn_time_decoding"
 _ENC_FORMAT = "mscn_format"  # the input's netCDF data model (zarr input: NETCDF4)
 _ENC_UNLIMITED = "mscn_unlimited_dims"
 _ENC_INDEX_DIMS = "mscn_index_dims"  # item dims that had no coordinate in the input
+_ENC_PROMOTED = "mscn_promoted_coords"  # lat/lon stored as data variables in the input
+_ENC_ITEM_POS = "mscn_item_pos"  # a field's index along the item dims (repeated coord values)
+_ENC_AREA = "mscn_cell_area"  # cell areas (sr) from CF bounds / corners, native flat order
 
 NETCDF_FORMATS = ("NETCDF4", "NETCDF4_CLASSIC", "NETCDF3_64BIT_OFFSET", "NETCDF3_CLASSIC")
 
@@ -167,6 +181,8 @@ def open_climate(path: str | os.PathLike[str], engine: str | None = None) -> xr.
             with warnings.catch_warnings():
                 if label == "default":  # e.g. dates before 1582: cftime, without a warning
                     warnings.simplefilter("error", xr.SerializationWarning)
+                # NCL's "days since 1-1-1" means year 1: nothing to tell the user
+                warnings.filterwarnings("ignore", "Ambiguous reference date string")
                 ds = xr.open_dataset(p, **kwargs, **extra)
         except Exception as exc:  # noqa: BLE001 - any backend error means "try next"
             if first_error is None:
@@ -250,6 +266,309 @@ def find_lat_lon(obj: xr.Dataset | xr.DataArray) -> tuple[str, str]:
             "or a name like lat/latitude and lon/longitude"
         )
     return lat, lon
+
+
+# --------------------------------------------------------------------------------------
+# any grid on the sphere: find_grid
+# --------------------------------------------------------------------------------------
+
+GRID_KINDS = ("regular", "gaussian", "regional", "curvilinear", "unstructured")
+_RAD_UNITS = {"radian", "radians", "rad"}
+# names real files give 2-D / per-cell coordinates (no CF attributes needed)
+_LAT_HINTS = {"lat2d", "tlat", "ulat", "grid_center_lat", "nav_lat", "xlat", "lat_2d",
+              "latitude2d", "clat", "lat_cell", "lat_rho"}
+_LON_HINTS = {"lon2d", "tlong", "tlon", "ulong", "ulon", "grid_center_lon", "nav_lon", "xlong",
+              "xlon", "lon_2d", "longitude2d", "clon", "lon_cell", "lon_rho"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where a field's points are: the coordinate variables and horizontal dims.
+
+    ``kind``: "regular" (global, evenly spaced 1-D axes), "gaussian" (global longitudes,
+    uneven pole-to-pole latitudes), "regional" (other 1-D lat/lon axes), "curvilinear"
+    (2-D lat/lon on 2 dims) or "unstructured" (1-D lat/lon on one cell dim).  ``lat``/
+    ``lon`` name the coordinate variables, ``dims`` the horizontal dims (2 names, or 1
+    for unstructured; for 1-D axes (lat dim, lon dim)), ``radians`` their unit.
+    """
+
+    kind: str
+    lat: str
+    lon: str
+    dims: tuple[str, ...]
+    radians: bool = False
+
+
+def _coord_score(name: str, attrs: Mapping[str, Any], kind: str) -> int:
+    """How strongly a coordinate variable looks like latitude/longitude: CF attributes,
+    radians with a lat/lon name, then name hints (lat2d, TLAT, grid_center_lat...)."""
+    lname = name.lower()
+    units = str(attrs.get("units", "")).lower().strip()
+    score = _axis_score(name, attrs, kind)
+    if units in _RAD_UNITS:
+        score = 4 + (4 if kind in lname else 0) if kind in lname else 0
+    if lname in (_LAT_HINTS if kind == "lat" else _LON_HINTS):
+        score += 3
+    if "bnds" in lname or "bounds" in lname or "corner" in lname or "vert" in lname:
+        score = min(score, 0)
+    return score
+
+
+def _is_numeric(v: Any) -> bool:
+    return np.dtype(v.dtype).kind in "fiu"
+
+
+def _grid_candidates(da: xr.DataArray) -> dict[str, xr.DataArray]:
+    return {str(k): c for k, c in da.coords.items()
+            if 1 <= c.ndim <= 2 and set(c.dims) <= set(da.dims) and _is_numeric(c)}
+
+
+def _pick(cands: Mapping[str, xr.DataArray], kind: str, dims: Sequence[Any]) -> str | None:
+    best: tuple[int, int, int] | None = None
+    name = None
+    for n, c in cands.items():
+        s = _coord_score(n, c.attrs, kind)
+        if s <= 0:
+            continue
+        key = (s, int(n in dims), -c.ndim)
+        if best is None or key > best:
+            best, name = key, n
+    return name
+
+
+def _axis_kind(lat: np.ndarray, lon: np.ndarray) -> str:
+    """regular / gaussian / regional for 1-D axes (degrees)."""
+    try:
+        check_global_regular(lat, lon)
+        return "regular"
+    except ClimateDataError:
+        pass
+    try:
+        lo_s = np.sort(np.mod(lon, 360.0))
+        _regular(lo_s, "longitude", period=360.0)
+        la_s = np.sort(lat)
+        if la_s[-1] - la_s[0] >= MIN_LAT_SPAN - 1e-6 and np.all(np.diff(la_s) > 0) and \
+                np.allclose(la_s, -la_s[::-1], atol=1e-3):
+            return "gaussian"
+    except ClimateDataError:
+        pass
+    return "regional"
+
+
+def find_grid(obj: xr.DataArray | xr.Dataset) -> Grid:
+    """The grid of a field (or of the first gridded variable of a Dataset).
+
+    Why one finder: regular, Gaussian, regional, curvilinear and unstructured grids all
+    reduce to "a lat and a lon coordinate variable on the field's dims".  CF attributes
+    win (standard_name, units degrees_north/east, axis), then radians with a lat/lon
+    name, then names (lat2d, TLAT, grid_center_lat, nav_lat...).  Raises
+    :class:`ClimateDataError` when no pair is found.
+    """
+    if isinstance(obj, xr.Dataset):
+        ds = promote_grid_coords(obj)
+        for v in ds.data_vars.values():
+            try:
+                return find_grid(v)
+            except ClimateDataError:
+                continue
+        raise ClimateDataError(f"no data variable on a latitude/longitude grid; variables: "
+                               f"{sorted(map(str, obj.data_vars))}")
+    cands = _grid_candidates(obj)
+    lat, lon = _pick(cands, "lat", obj.dims), _pick(cands, "lon", obj.dims)
+    what = f"variable {obj.name!r}"
+    if lat is None or lon is None or lat == lon:
+        raise ClimateDataError(
+            f"no lat and lon coordinates found in {what} with dims {list(obj.dims)}: need "
+            "CF standard_name latitude/longitude, units degrees_north/east, or a name like "
+            "lat/lon, lat2d/lon2d, grid_center_lat/lon")
+    la, lo = obj.coords[lat], obj.coords[lon]
+    radians = str(la.attrs.get("units", "")).lower().strip() in _RAD_UNITS
+    if la.ndim == 1 and lo.ndim == 1:
+        if la.dims == lo.dims:
+            return Grid("unstructured", lat, lon, (str(la.dims[0]),), radians)
+        a = np.asarray(la.values, dtype=np.float64)
+        b = np.asarray(lo.values, dtype=np.float64)
+        if radians:
+            a, b = np.degrees(a), np.degrees(b)
+        kind = _axis_kind(a, b) if np.isfinite(a).all() and np.isfinite(b).all() \
+            else "regional"
+        return Grid(kind, lat, lon, (str(la.dims[0]), str(lo.dims[0])), radians)
+    if la.ndim == 2 and lo.ndim == 2 and la.dims == lo.dims:
+        return Grid("curvilinear", lat, lon, tuple(map(str, la.dims)), radians)
+    raise ClimateDataError(f"{what}: latitude {lat!r} {list(la.dims)} and longitude {lon!r} "
+                           f"{list(lo.dims)} do not form a grid")
+
+
+def _bounds_names(ds: xr.Dataset) -> set[str]:
+    return {str(v.attrs.get("bounds", v.encoding.get("bounds", "")))
+            for v in ds.variables.values()} - {""}
+
+
+def _grid_var_names(ds: xr.Dataset) -> set[str]:
+    """Data variables that describe the grid, not fields: lat/lon stored as variables,
+    bounds, corners, Gaussian weights."""
+    out = set(_bounds_names(ds))
+    for name, v in ds.data_vars.items():
+        n = str(name)
+        low = n.lower()
+        if low in ("gw", "grid_dims", "interp_indx") or "corner" in low or low.endswith(
+                ("_bnds", "_bounds", "_vertices")):
+            out.add(n)
+            continue
+        if _is_numeric(v) and 1 <= v.ndim <= 2 and (
+                _coord_score(n, v.attrs, "lat") > 0 or _coord_score(n, v.attrs, "lon") > 0):
+            others = [w for k, w in ds.data_vars.items() if k != name and w.ndim > 0]
+            if any(set(v.dims) <= set(w.dims) and w.ndim > v.ndim or
+                   set(v.dims) <= set(w.dims) and v.ndim == 2 for w in others):
+                out.add(n)
+    return out
+
+
+def promote_grid_coords(ds: xr.Dataset) -> xr.Dataset:
+    """Lat/lon stored as data variables become coordinates (so each field carries them);
+    the names are kept in the Dataset's encoding to write them back as variables."""
+    if ds.encoding.get(_ENC_PROMOTED) is not None:
+        return ds
+    names = [n for n in _grid_var_names(ds) if n in ds.data_vars and n not in _bounds_names(ds)
+             and (_coord_score(n, ds[n].attrs, "lat") > 0 or _coord_score(n, ds[n].attrs,
+                                                                          "lon") > 0)]
+    out = ds.set_coords(names) if names else ds.copy()
+    out.encoding = dict(ds.encoding)
+    out.encoding[_ENC_PROMOTED] = tuple(sorted(names))
+    return out
+
+
+def check_grid(field: xr.DataArray, grid: Grid | None = None) -> Grid:
+    """Refuse grids whose points the codec cannot use, in one line naming the variable:
+    NaN coordinates, latitudes outside ±90, duplicate points (1-D axes: a repeated value,
+    except one repeated cyclic longitude column; unstructured: a repeated cell).
+    Curvilinear grids may repeat points (fold and halo columns of ocean grids)."""
+    grid = grid or find_grid(field)
+    la = np.asarray(field.coords[grid.lat].values, dtype=np.float64)
+    lo = np.asarray(field.coords[grid.lon].values, dtype=np.float64)
+    if grid.radians:
+        la, lo = np.degrees(la), np.degrees(lo)
+    what = f"field {field.name!r}"
+    src = field.encoding.get("source")
+    if src:
+        what = f"{src}: {what}"
+    if not (np.isfinite(la).all() and np.isfinite(lo).all()):
+        raise ClimateDataError(f"{what}: coordinates {grid.lat}/{grid.lon} contain NaN/inf")
+    if la.size and (la.min() < -90 - 1e-6 or la.max() > 90 + 1e-6):
+        raise ClimateDataError(f"{what}: latitude {grid.lat} values {la.min():g}..{la.max():g} "
+                               "outside [-90, 90]")
+    if grid.kind in ("gaussian", "regional"):
+        if np.unique(la).size != la.size:
+            raise ClimateDataError(f"{what}: latitude {grid.lat} has duplicate values")
+        lo_m = np.mod(lo, 360.0)
+        ndup = lo_m.size - np.unique(lo_m).size
+        cyclic = ndup == 1 and lo.size > 2 and abs(abs(lo[-1] - lo[0]) - 360.0) < 1e-6
+        if ndup and not cyclic:
+            raise ClimateDataError(f"{what}: longitude {grid.lon} has duplicate values")
+    elif grid.kind == "unstructured":
+        pts = np.stack([np.round(la, 9), np.round(np.mod(lo, 360.0), 9)], axis=1)
+        pts[np.abs(pts[:, 0]) >= 90 - 1e-9, 1] = 0.0  # every longitude is the pole
+        if np.unique(pts, axis=0).shape[0] != pts.shape[0]:
+            raise ClimateDataError(f"{what}: duplicate points in {grid.lat}/{grid.lon}")
+    return grid
+
+
+def grid_points(field: xr.DataArray, grid: Grid | None = None
+                ) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """(lat, lon) in degrees of every value of ``field``, flat in the field's own C order
+    (why: the signal of a non-regular grid is its points in native order)."""
+    grid = check_grid(field, grid)
+    la = field.coords[grid.lat].variable
+    lo = field.coords[grid.lon].variable
+    hdims = [d for d in field.dims if d in grid.dims]
+    shape = tuple(field.sizes[d] for d in hdims)
+    out = []
+    for v in (la, lo):
+        v = v.set_dims({d: field.sizes[d] for d in hdims}).transpose(*hdims)
+        a = np.broadcast_to(np.asarray(v.values, dtype=np.float64), shape).reshape(-1)
+        out.append(np.degrees(a) if grid.radians else a)
+    return out[0], out[1], grid
+
+
+def field_points(field: xr.DataArray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Grid]:
+    """(values, lat, lon, grid), all flat in the field's own order; NaN stays NaN.
+
+    Why: any grid kind becomes "values at points on the sphere" without reordering, so
+    decoding restores the layout by a reshape.  All-NaN or inf fields are refused.
+    """
+    lat, lon, grid = grid_points(field)
+    extra = [d for d in field.dims if d not in grid.dims]
+    if extra:
+        raise ClimateDataError(f"field {field.name!r} has dims {list(field.dims)}; expected "
+                               f"only {list(grid.dims)} - use iter_fields() to split item dims")
+    vals = np.asarray(field.values)
+    if not (np.issubdtype(vals.dtype, np.number) or vals.dtype == bool):
+        raise ClimateDataError(f"field {field.name!r} has non-numeric dtype {vals.dtype}")
+    vals = vals.astype(np.float64).reshape(-1)
+    if not np.isfinite(vals).any():
+        raise ClimateDataError(f"field {field.name!r} {_item_label(field)} is all NaN")
+    if np.isinf(vals).any():
+        raise ClimateDataError(f"field {field.name!r} {_item_label(field)} contains inf")
+    return vals, lat, lon, grid
+
+
+def _corner_names(ds: xr.Dataset, grid: Grid) -> tuple[str, str] | None:
+    """The variables holding the cell corners of ``grid``: CF ``bounds`` of the lat/lon
+    coordinates, else ``<lat>`` with center -> corner (SCRIP: grid_corner_lat)."""
+    la, lo = ds[grid.lat], ds[grid.lon]
+    names = (la.attrs.get("bounds", la.encoding.get("bounds")),
+             lo.attrs.get("bounds", lo.encoding.get("bounds")))
+    if all(isinstance(n, str) and n in ds.variables for n in names):
+        return str(names[0]), str(names[1])
+    scrip = (grid.lat.replace("center", "corner"), grid.lon.replace("center", "corner"))
+    if "center" in grid.lat and all(n in ds.variables for n in scrip):
+        return scrip
+    return None
+
+
+def cell_areas(ds: xr.Dataset, grid: Grid, field: xr.DataArray) -> np.ndarray | None:
+    """Solid angle (sr) of every cell of a curvilinear/unstructured grid, flat in the
+    field's own order, from CF bounds or SCRIP corners (fan of spherical triangles);
+    None without corners or when they are unusable (why: ocean and geodesic cells vary in
+    size, so an area-weighted error needs their areas; cos(lat) only suits 1-D grids)."""
+    if grid.kind not in ("curvilinear", "unstructured"):
+        return None
+    names = _corner_names(ds, grid)
+    if names is None:
+        return None
+    try:
+        hdims = [str(d) for d in field.dims if d in grid.dims]
+        cb = []
+        for n in names:
+            v = ds[n].variable
+            extra = [d for d in v.dims if d not in hdims]
+            if len(extra) != 1 or v.ndim != len(hdims) + 1:
+                return None
+            a = np.asarray(v.transpose(*hdims, extra[0]).values, dtype=np.float64)
+            cb.append(a.reshape(-1, a.shape[-1]))
+        lat, lon = cb
+        if not grid.radians:
+            lat, lon = np.radians(lat), np.radians(lon)
+        xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], -1)
+        area = np.zeros(xyz.shape[0])
+        a = xyz[:, 0]
+        for i in range(1, xyz.shape[1] - 1):
+            b, c = xyz[:, i], xyz[:, i + 1]
+            num = np.abs(np.einsum("ij,ij->i", a, np.cross(b, c)))
+            den = 1 + np.einsum("ij,ij->i", a, b) + np.einsum("ij,ij->i", b, c) + \
+                np.einsum("ij,ij->i", c, a)
+            area += 2 * np.arctan2(num, den)
+    except (KeyError, ValueError):
+        return None
+    if not np.isfinite(area).all() or area.sum() <= 0:
+        return None
+    return area
+
+
+def native_regular(grid: Grid) -> bool:
+    """True when the field takes the historic regular path (1-D dimension coordinates)."""
+    return grid.kind == "regular" and grid.lat == grid.dims[0] and grid.lon == grid.dims[1] \
+        and not grid.radians
 
 
 # --------------------------------------------------------------------------------------
@@ -461,14 +780,14 @@ def _sel_one(da: xr.DataArray, dim: str, value: Any, method: str,
 
 def _gridded_variables(ds: xr.Dataset) -> list[str]:
     """Data variables on a lat/lon grid, in file order; CF cell bounds are not fields."""
-    bounds = {str(v.attrs.get("bounds", v.encoding.get("bounds", "")))
-              for v in ds.variables.values()}
+    ds = promote_grid_coords(ds)
+    skip = _grid_var_names(ds)
     out = []
     for name, v in ds.data_vars.items():
-        if str(name) in bounds:
+        if str(name) in skip:
             continue
         try:
-            find_lat_lon(v)
+            find_grid(v)
         except ClimateDataError:
             continue
         out.append(str(name))
@@ -501,6 +820,9 @@ def _prepare(da: xr.DataArray, ds: xr.Dataset | None) -> xr.DataArray:
     da = da.copy(deep=False)  # own encoding dict: do not touch the Dataset's
     if ds is not None:
         da.encoding[_ENC_GLOBAL_ATTRS] = dict(ds.attrs)
+        promoted = [n for n in ds.encoding.get(_ENC_PROMOTED, ()) if n in da.coords]
+        if promoted:
+            da.encoding[_ENC_PROMOTED] = tuple(promoted)
         for key in (_ENC_FORMAT,):
             if key in ds.encoding:
                 da.encoding[key] = ds.encoding[key]
@@ -509,10 +831,22 @@ def _prepare(da: xr.DataArray, ds: xr.Dataset | None) -> xr.DataArray:
     return da
 
 
+def _horizontal(da: xr.DataArray) -> tuple[str, ...]:
+    """The field's horizontal dims in the order a field keeps them: (lat, lon) on the
+    regular path, the file's own order on any other grid."""
+    try:
+        grid = find_grid(da)
+    except ClimateDataError:
+        return find_lat_lon(da)
+    if native_regular(grid):
+        return grid.dims
+    return tuple(str(d) for d in da.dims if d in grid.dims)
+
+
 def _finish(da: xr.DataArray) -> xr.DataArray:
-    lat, lon = find_lat_lon(da)
-    others = [d for d in da.dims if d not in (lat, lon)]
-    da = da.transpose(*others, lat, lon)
+    hdims = _horizontal(da)
+    others = [d for d in da.dims if d not in hdims]
+    da = da.transpose(*others, *hdims)
     da.encoding[_ENC_DIMS] = tuple(map(str, da.dims))
     da.encoding[_ENC_ITEM_DIMS] = tuple(map(str, others))
     return da
@@ -541,18 +875,19 @@ def select_variables(
     if isinstance(ds, xr.DataArray):
         arrays = [_prepare(ds, None)]
     else:
+        ds = promote_grid_coords(ds)
         arrays = [_prepare(ds[name], ds) for name in _variable_names(ds, var)]
-    grids = [find_lat_lon(a) for a in arrays]
+    grids = [_horizontal(a) for a in arrays]
     if sel and not isinstance(sel, Mapping):
         sel = parse_sel(list(sel))
     notes: set[str] = set()
     for key, value in (sel or {}).items():
         used = False
-        for i, (a, (lat, lon)) in enumerate(zip(arrays, grids, strict=True)):
+        for i, (a, hdims) in enumerate(zip(arrays, grids, strict=True)):
             dim = _resolve_sel_key(a, str(key))
             if dim is None:
                 continue
-            if dim in (lat, lon):
+            if dim in hdims:
                 raise ClimateDataError(
                     f"cannot select on {dim!r}: fields must stay global lat/lon grids"
                 )
@@ -596,8 +931,8 @@ def iter_fields(da: xr.DataArray) -> Iterator[xr.DataArray]:
     rebuild the original array.  Item dims without a coordinate get an integer index
     coordinate (0..n-1) so that the identity is still known; stack_fields drops it again.
     """
-    lat, lon = find_lat_lon(da)
-    item_dims = [str(d) for d in da.dims if d not in (lat, lon)]
+    hdims = _horizontal(da)
+    item_dims = [str(d) for d in da.dims if d not in hdims]
     missing = {d: np.arange(da.sizes[d]) for d in item_dims if d not in da.coords}
     index_dims = tuple(da.encoding.get(_ENC_INDEX_DIMS, ())) + tuple(missing)
     if missing:
@@ -606,8 +941,14 @@ def iter_fields(da: xr.DataArray) -> Iterator[xr.DataArray]:
         da.encoding = enc
     dims_order = da.encoding.get(_ENC_DIMS, tuple(map(str, da.dims)))
     shape = [da.sizes[d] for d in item_dims]
+    # a coordinate that repeats values (SEAM's time: all the netCDF default fill) cannot
+    # tell fields apart: each field then carries its position
+    repeated = any(not pd.Index(np.asarray(da[d].values).ravel()).is_unique
+                   for d in item_dims)
     for idx in np.ndindex(*shape):
         field = da.isel(dict(zip(item_dims, idx, strict=True)))
+        if repeated:
+            field.encoding[_ENC_ITEM_POS] = tuple(int(i) for i in idx)
         field.encoding[_ENC_ITEM_DIMS] = tuple(item_dims)
         field.encoding[_ENC_DIMS] = tuple(dims_order)
         if index_dims:
@@ -636,7 +977,17 @@ def field_items(
                 except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
                     raise ClimateDataError(f"{path}: cannot read variable {da.name}: {err} "
                                            "(corrupted file?)") from None
-                out.extend(iter_fields(da))
+                fields = list(iter_fields(da))
+                try:
+                    grid = find_grid(fields[0]) if fields else None
+                except ClimateDataError:
+                    grid = None
+                area = cell_areas(ds, grid, fields[0]) if grid is not None else None
+                for f in fields:
+                    f.encoding["source"] = f.encoding.get("source", str(path))
+                    if area is not None:
+                        f.encoding[_ENC_AREA] = area
+                out.extend(fields)
     return out
 
 
@@ -868,6 +1219,9 @@ def field_to_dataarray(
         raise ClimateDataError(
             f"values shape {v.shape} does not match grid ({lat_a.size}, {lon_a.size})"
         )
+    grid = find_grid(template_field2d)
+    if not native_regular(grid):
+        return _regular_like(v, lat_a, lon_a, template_field2d)
     tlat, tlon = find_lat_lon(template_field2d)
     t_lat = np.asarray(template_field2d[tlat].values, dtype=np.float64)
     t_lon = np.asarray(template_field2d[tlon].values, dtype=np.float64)
@@ -917,6 +1271,30 @@ def field_to_dataarray(
     return da
 
 
+def _regular_like(values: np.ndarray, lat: np.ndarray, lon: np.ndarray,
+                  template: xr.DataArray) -> xr.DataArray:
+    """Values on a regular (lat, lon) grid, named ``lat``/``lon`` with CF attributes, with
+    the template's name, attrs, scalar item coords and value encoding (why: a non-regular
+    input written at ``--resolution`` is a plain global grid, not its native layout)."""
+    data = values.astype(template.dtype) if np.issubdtype(template.dtype, np.floating) \
+        else values
+    coords: dict[str, Any] = {
+        "lat": ("lat", lat, {"standard_name": "latitude", "long_name": "latitude",
+                             "units": "degrees_north", "axis": "Y"}),
+        "lon": ("lon", lon, {"standard_name": "longitude", "long_name": "longitude",
+                             "units": "degrees_east", "axis": "X"})}
+    for name, c in template.coords.items():
+        if c.ndim == 0 and str(name) not in coords:
+            coords[str(name)] = c.variable.copy()
+    da = xr.DataArray(data, dims=("lat", "lon"), coords=coords, name=template.name,
+                      attrs=dict(template.attrs))
+    enc = {k: v for k, v in template.encoding.items()
+           if (k.startswith("mscn_") or k in _VAR_ENC) and k != "chunksizes"
+           and k not in (_ENC_DIMS, _ENC_PROMOTED)}
+    da.encoding.update(enc)
+    return da
+
+
 # --------------------------------------------------------------------------------------
 # stacking and writing
 # --------------------------------------------------------------------------------------
@@ -928,7 +1306,7 @@ def _scalar_key(v: Any) -> Any:
     return v
 
 
-def _infer_item_dims(fields: list[xr.DataArray], lat: str, lon: str) -> tuple[str, ...]:
+def _infer_item_dims(fields: list[xr.DataArray]) -> tuple[str, ...]:
     scal = [str(k) for k, c in fields[0].coords.items() if c.ndim == 0]
     varying = [
         k for k in scal
@@ -961,14 +1339,14 @@ def stack_fields(
     if not fields:
         raise ClimateDataError("stack_fields needs at least one field")
     first = fields[0]
-    lat, lon = find_lat_lon(first)
+    hdims = tuple(str(d) for d in first.dims if d in _horizontal(first))
     for f in fields:
-        if f.ndim != 2 or set(f.dims) != {lat, lon}:
-            raise ClimateDataError(f"field with dims {list(f.dims)} is not a ({lat}, {lon}) field")
+        if set(f.dims) != set(hdims):
+            raise ClimateDataError(f"field with dims {list(f.dims)} is not a {hdims} field")
     if item_dims is None:
         item_dims = first.encoding.get(_ENC_ITEM_DIMS)
         if item_dims is None:
-            item_dims = _infer_item_dims(fields, lat, lon)
+            item_dims = _infer_item_dims(fields)
     item_dims = tuple(item_dims)
     for d in item_dims:
         if any(d not in f.coords or f[d].ndim != 0 for f in fields):
@@ -978,16 +1356,30 @@ def stack_fields(
     uniq: dict[str, list[Any]] = {d: [] for d in item_dims}
     pos: dict[str, dict[Any, int]] = {d: {} for d in item_dims}
     index_of: list[tuple[int, ...]] = []
-    for f in fields:
-        idx = []
-        for d in item_dims:
-            key = _scalar_key(f[d].values[()])
-            if key not in pos[d]:
-                pos[d][key] = len(uniq[d])
-                uniq[d].append(f[d].values[()])
-            idx.append(pos[d][key])
-        index_of.append(tuple(idx))
-    shape = tuple(len(uniq[d]) for d in item_dims)
+    given = [f.encoding.get(_ENC_ITEM_POS) for f in fields]
+    if item_dims and all(isinstance(p, list | tuple) and len(p) == len(item_dims)
+                         for p in given):  # positions iter_fields recorded (repeated values)
+        index_of = [tuple(int(i) for i in p) for p in given]  # type: ignore[union-attr]
+        shape = tuple(max(p[k] for p in index_of) + 1 for k in range(len(item_dims)))
+        for k, d in enumerate(item_dims):
+            vals: list[Any] = [None] * shape[k]
+            for f, idx in zip(fields, index_of, strict=True):
+                vals[idx[k]] = f[d].values[()]
+            if any(v is None for v in vals):
+                raise ClimateDataError(f"{len(fields)} fields do not fill the {shape} grid "
+                                       f"over {item_dims}; some items are missing")
+            uniq[d] = vals
+    else:
+        for f in fields:
+            idx = []
+            for d in item_dims:
+                key = _scalar_key(f[d].values[()])
+                if key not in pos[d]:
+                    pos[d][key] = len(uniq[d])
+                    uniq[d].append(f[d].values[()])
+                idx.append(pos[d][key])
+            index_of.append(tuple(idx))
+        shape = tuple(len(uniq[d]) for d in item_dims)
     n_expected = int(np.prod(shape)) if shape else 1
     if len(set(index_of)) != len(index_of):
         raise ClimateDataError(f"duplicate fields for the same item over {item_dims}")
@@ -996,22 +1388,22 @@ def stack_fields(
             f"{len(fields)} fields do not fill the {shape} grid over {item_dims}; "
             "some items are missing"
         )
-    ny, nx = first.sizes[lat], first.sizes[lon]
-    data = np.empty(shape + (ny, nx), dtype=first.dtype)
+    gshape = tuple(first.sizes[d] for d in hdims)
+    data = np.empty(shape + gshape, dtype=first.dtype)
     for f, idx in zip(fields, index_of, strict=True):
-        if f.sizes[lat] != ny or f.sizes[lon] != nx:
+        if tuple(f.sizes[d] for d in hdims) != gshape:
             raise ClimateDataError("fields have different grid sizes; cannot stack")
-        data[idx] = f.transpose(lat, lon).values
+        data[idx] = f.transpose(*hdims).values
 
     coords: dict[str, Any] = {}
     for d in item_dims:
         c0 = first[d]
         coords[d] = xr.Variable(d, np.array(uniq[d], dtype=c0.dtype), c0.attrs, c0.encoding)
-    for d in (lat, lon):
+    for d in hdims:
         if d in first.coords:  # a dim without coordinate variable stays without one
             coords[d] = first[d].variable.copy()
     for name, c in first.coords.items():  # e.g. 2-D lat/lon of a curvilinear grid
-        if c.ndim and str(name) not in coords and set(c.dims) <= {lat, lon}:
+        if c.ndim and str(name) not in coords and set(c.dims) <= set(hdims):
             coords[str(name)] = c.variable.copy()
     # other scalar coords: constant -> scalar, else along the dims they vary with
     for name, c in first.coords.items():
@@ -1034,7 +1426,7 @@ def stack_fields(
         )
     da = xr.DataArray(
         data,
-        dims=item_dims + (lat, lon),
+        dims=item_dims + hdims,
         coords=coords,
         name=first.name,
         attrs=dict(first.attrs),
@@ -1122,13 +1514,13 @@ def _to_dataset(obj: Any) -> xr.Dataset:
 
 
 def _grid_chunks(var: xr.Variable, ds: xr.Dataset) -> tuple[int, ...] | None:
-    """One chunk per 2-D field: 1 along every item dim, the whole (lat, lon) grid."""
+    """One chunk per 2-D field: 1 along every item dim, the whole horizontal grid."""
     try:
-        lat, lon = find_lat_lon(xr.DataArray(var, coords={
-            d: ds[d].variable for d in var.dims if d in ds.coords}))
-    except ClimateDataError:
+        hdims = _horizontal(xr.DataArray(var, coords={
+            str(k): c.variable for k, c in ds.coords.items() if set(c.dims) <= set(var.dims)}))
+    except (ClimateDataError, ValueError):
         return None
-    return tuple(var.sizes[d] if d in (lat, lon) else 1 for d in var.dims)
+    return tuple(var.sizes[d] if d in hdims else 1 for d in var.dims)
 
 
 def _var_encoding(name: str, ds: xr.Dataset, fmt: str, known: bool) -> dict[str, Any]:
@@ -1208,6 +1600,8 @@ def _encode_times(ds: xr.Dataset, encoding: dict[str, dict[str, Any]]) -> xr.Dat
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
+                # "days since 1-1-1" (NCL files): the units are written verbatim anyway
+                warnings.filterwarnings("ignore", "Ambiguous reference date string")
                 num, _, _ = encode_cf_datetime(values, units, calendar or "standard",
                                                dtype=target)
                 num = np.asarray(num).astype(target)
@@ -1251,6 +1645,17 @@ def _netcdf_dataset(
 ) -> tuple[xr.Dataset, str, dict[str, dict[str, Any]], list[str]]:
     """The Dataset write_netcdf writes, its format, per-variable encoding, unlimited dims."""
     ds = _to_dataset(obj)
+    arrays = [obj] if isinstance(obj, xr.DataArray) else (
+        list(obj) if isinstance(obj, list | tuple) else list(ds.data_vars.values()))
+    promoted = {n for a in arrays for n in a.encoding.get(_ENC_PROMOTED, ())
+                if n in ds.coords and n not in ds.dims}
+    if promoted:  # lat/lon the input stored as data variables: written back as such
+        keep = {str(k): dict(v.encoding) for k, v in ds.variables.items()}
+        denc = dict(ds.encoding)
+        ds = ds.reset_coords(sorted(promoted))
+        ds.encoding = denc
+        for k, e in keep.items():
+            ds[k].encoding = e
     fmt = ds.encoding.get(_ENC_FORMAT)
     for v in ds.data_vars.values():
         fmt = fmt or v.encoding.get(_ENC_FORMAT)
@@ -1324,7 +1729,8 @@ def write_netcdf(
 # --------------------------------------------------------------------------------------
 
 _PORTABLE_TOP = {"format", "global_attrs", "global_attr_dtypes", "unlimited_dims", "dims",
-                 "item_dims", "index_dims", "variable", "coords"}
+                 "item_dims", "index_dims", "variable", "coords", "promoted_coords",
+                 "item_pos"}
 _PORTABLE_VAR = set(_VAR_ENC) | {"attr_dtypes", "coordinates"}
 _PORTABLE_COORD = set(_COORD_ENC) | {"attr_dtypes"}
 _RESERVED_ATTRS = {"_NCProperties", "_IsNetcdf4", "_SuperblockVersion", "_Netcdf4Dimid",
@@ -1381,9 +1787,12 @@ def portable_encoding(field: xr.DataArray) -> dict[str, Any]:
         out["global_attrs"] = {str(k): _plain(v) for k, v in gattrs.items()}
         out["global_attr_dtypes"] = _attr_dtypes(gattrs)
     for key, name in ((_ENC_UNLIMITED, "unlimited_dims"), (_ENC_DIMS, "dims"),
-                      (_ENC_ITEM_DIMS, "item_dims"), (_ENC_INDEX_DIMS, "index_dims")):
+                      (_ENC_ITEM_DIMS, "item_dims"), (_ENC_INDEX_DIMS, "index_dims"),
+                      (_ENC_PROMOTED, "promoted_coords")):
         if key in enc:
             out[name] = [str(d) for d in enc[key]]
+    if _ENC_ITEM_POS in enc:
+        out["item_pos"] = [int(i) for i in enc[_ENC_ITEM_POS]]
     var = _enc_subset(enc, _VAR_ENC + ("coordinates",))
     var["attr_dtypes"] = _attr_dtypes(field.attrs)
     out["variable"] = var
@@ -1439,9 +1848,12 @@ def apply_portable_encoding(field: xr.DataArray, enc: dict[str, Any]) -> xr.Data
         e[_ENC_GLOBAL_ATTRS] = _cast_attrs(enc["global_attrs"],
                                            enc.get("global_attr_dtypes", {}))
     for name, key in (("unlimited_dims", _ENC_UNLIMITED), ("dims", _ENC_DIMS),
-                      ("item_dims", _ENC_ITEM_DIMS), ("index_dims", _ENC_INDEX_DIMS)):
+                      ("item_dims", _ENC_ITEM_DIMS), ("index_dims", _ENC_INDEX_DIMS),
+                      ("promoted_coords", _ENC_PROMOTED)):
         if name in enc:
             e[key] = tuple(enc[name])
+    if "item_pos" in enc:
+        e[_ENC_ITEM_POS] = tuple(enc["item_pos"])
     out.encoding = e
     out.attrs = _cast_attrs(out.attrs, enc["variable"].get("attr_dtypes", {}))
     new = {}
@@ -1594,9 +2006,15 @@ def check_portable_encoding(enc: Any) -> None:
         _check_attr_values(enc["global_attrs"], "global_attrs")
     if "global_attr_dtypes" in enc:
         _check_attr_dtypes(enc["global_attr_dtypes"], "global_attr_dtypes")
-    for k in ("unlimited_dims", "dims", "item_dims", "index_dims"):
+    for k in ("unlimited_dims", "dims", "item_dims", "index_dims", "promoted_coords"):
         if k in enc:
             _check_names(enc[k], k)
+    if "item_pos" in enc:
+        p = enc["item_pos"]
+        if not isinstance(p, list) or len(p) > 64 or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (1 << 31)
+                for i in p):
+            raise _bad("item_pos", f"must be a list of at most 64 indices, got {_describe(p)}")
     _check_entry(enc["variable"], "variable", _PORTABLE_VAR, "biuf")
     coords = enc["coords"]
     if not isinstance(coords, dict) or len(coords) > _MAX_NAMES:

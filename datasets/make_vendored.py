@@ -31,7 +31,12 @@ ERA5_OUT = "era5_t_z_3deg_2017-01-01_float32.nc"
 COADS_OUT = "coads_sst_airt_2deg_jan-mar.nc"
 ETOPO_OUT = "etopo_relief_2deg_blockmean.nc"
 
-MAX_BYTES = {ERA5_OUT: 3_000_000, COADS_OUT: 500_000, ETOPO_OUT: 500_000}
+T42_OUT = "t42_gaussian_uv300_U.nc"
+MPIOM_OUT = "mpiom_tos_curvilinear_crop.nc"
+GEODESIC_OUT = "geodesic_2562cells_t0.nc"
+
+MAX_BYTES = {ERA5_OUT: 3_000_000, COADS_OUT: 500_000, ETOPO_OUT: 500_000,
+             T42_OUT: 300_000, MPIOM_OUT: 300_000, GEODESIC_OUT: 300_000}
 
 
 def _note(ds: xr.Dataset, text: str) -> None:
@@ -117,6 +122,53 @@ def make_etopo(src: Path, dst: Path) -> int:
     return _write(sub, dst / ETOPO_OUT, _encoding(sub, ["ROSE"]))
 
 
+def _native_encoding(ds: xr.Dataset) -> dict[str, dict]:
+    """The source's own dtypes and fill values (why: these subsets test that a grid is
+    written back in the file's own structure), zlib-9 for the fields."""
+    enc: dict[str, dict] = {}
+    for name, v in ds.variables.items():
+        e: dict[str, Any] = {k: v.encoding[k] for k in ("dtype", "_FillValue", "missing_value",
+                                                         "units", "calendar")
+                             if k in v.encoding}
+        e.setdefault("_FillValue", None)
+        if name in ds.data_vars and v.ndim >= 1:
+            e.update(zlib=True, complevel=9, shuffle=True)
+        enc[str(name)] = e
+    return enc
+
+
+def make_t42(src: Path, dst: Path) -> int:
+    """T42 Gaussian grid (64 x 128): U at 300 hPa, both months, as in the source."""
+    ds = open_climate(src / "ncl_t42_uv300.nc")
+    sub = ds[["U"]].load()
+    _note(sub, "subset of ncl_t42_uv300.nc (NCL example data): variable U only")
+    return _write(sub, dst / T42_OUT, _native_encoding(sub))
+
+
+def make_mpiom(src: Path, dst: Path) -> int:
+    """MPI-OM bipolar curvilinear tos, crop y 100..219 x 0..127 (Arctic fold and land
+    included), CF 2-D lat/lon kept, cell bounds dropped."""
+    ds = open_climate(src / "ncl_mpiom_tos_bipolar_curvilinear.nc")
+    sub = ds[["tos"]].isel(y=slice(100, 220), x=slice(0, 128)).load()
+    for c in ("lat", "lon"):
+        sub[c].attrs.pop("bounds", None)
+        sub[c].encoding.pop("bounds", None)
+    _note(sub, "crop of ncl_mpiom_tos_bipolar_curvilinear.nc (NCL example data): tos, "
+               "y 100-219, x 0-127; lat_bnds/lon_bnds dropped")
+    return _write(sub, dst / MPIOM_OUT, _native_encoding(sub))
+
+
+def make_geodesic(src: Path, dst: Path) -> int:
+    """Geodesic 2562-cell unstructured grid: first time, height/relative/tracer_1, cell
+    centres in radians (corners dropped)."""
+    ds = open_climate(src / "ncl_geodesic_2562cells_unstructured.nc")
+    sub = ds[["height", "relative", "tracer_1", "grid_center_lat", "grid_center_lon"]]
+    sub = sub.isel(time=slice(0, 1)).load()
+    _note(sub, "subset of ncl_geodesic_2562cells_unstructured.nc (NCL example data): time 0, "
+               "height, relative, tracer_1 and the cell centres")
+    return _write(sub, dst / GEODESIC_OUT, _native_encoding(sub))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=DEFAULT_SRC, help="shared climate folder")
@@ -125,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.src.is_dir():
         raise SystemExit(f"source folder {args.src} not found (use --src)")
     args.dst.mkdir(parents=True, exist_ok=True)
-    for fn in (make_era5, make_coads, make_etopo):
+    for fn in (make_era5, make_coads, make_etopo, make_t42, make_mpiom, make_geodesic):
         size = fn(args.src, args.dst)
         print(f"{fn.__name__}: {size} bytes")
     return 0

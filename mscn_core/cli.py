@@ -558,11 +558,15 @@ def _fit(args, ck, modality, items, desc: str = "fit"):
     their points (what the metrics scored)."""
     import torch
 
-    from .pipeline import adapt_codes, predictor, quantize_codes
+    from .pipeline import adapt_codes, check_refinable, predictor, quantize_codes, refine_codes
 
+    check_refinable(ck.rep, args.refine_steps, args.refine_lr)
     signals = [modality.to_signal(i, args.options) for i in items]
     codes = adapt_codes(ck, modality, signals, steps=args.steps,
                         points_per_step=args.points_per_step, desc=desc)
+    codes = refine_codes(ck, modality, signals, codes, args.refine_steps, args.refine_lr,
+                         bits=args.bits, points_per_step=args.points_per_step,
+                         desc=f"{desc}: refine")
     if args.bits:
         _, codes = quantize_codes(ck, codes, args.bits)
     preds = [predictor(ck, modality, c) for c in codes]
@@ -623,6 +627,9 @@ def _summary(metrics: list[dict]) -> dict:
 def cmd_fit(args) -> int:
     if args.checkpoint is None and args.bits:
         raise CommandError("--bits needs a --checkpoint (its quantiser and entropy model)")
+    if args.checkpoint is None and args.refine_steps:
+        raise CommandError("--refine-steps needs a --checkpoint (a meta-learned code to "
+                           "refine); a fit from scratch takes --steps")
     ck, modality = _load(args)
     items = _read_items(modality, [args.file], args.options)
     if ck is None:
@@ -694,7 +701,8 @@ def cmd_encode(args) -> int:
     data, rep = encode_items(ck, modality, items, bits=args.bits, options=args.options,
                              points_per_step=args.points_per_step,
                              max_abs_error=args.max_abs_error,
-                             max_rel_error=args.max_rel_error)
+                             max_rel_error=args.max_rel_error,
+                             refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     save_bytes_atomic(data, args.output, overwrite=args.overwrite)
     out = {"output": args.output, "items": len(items), "bytes": rep.n_bytes,
            "payload_bytes": rep.payload_bytes, "values": rep.n_values,
@@ -911,6 +919,18 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
                        help="samples per inner step for items larger than that (bounded "
                        "memory; default: the modality's)")
 
+    def refine_flags(s):
+        s.add_argument("--refine-steps", type=_nonnegative_int, default=0, metavar="N",
+                       help="after the meta-learned steps, N Adam steps on each item's coded "
+                       "values (same positions, same stream format; best iterate kept): "
+                       "slower encoding, better on fields unlike the training set "
+                       "(default 0, the paper's)")
+        # default None = pipeline.REFINE_LR (the parser must not import torch for it; a test
+        # keeps this help's number equal to it)
+        s.add_argument("--refine-lr", type=_positive_float, default=None, metavar="LR",
+                       help="Adam learning rate of --refine-steps (default 0.01, measured by "
+                       "bench/refine_steps.py)")
+
     s = sub.add_parser("meta-train", help="meta-learn a checkpoint (codec) from data files",
                        epilog=hint)
     s.add_argument("--data", nargs="+", required=True, metavar="FILE")
@@ -940,6 +960,7 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
                        help="quantise modulations to this many bits (2..8), as the bitstream "
                        "would")
         budget_flag(s)
+        refine_flags(s)
 
     s = sub.add_parser("fit", help="represent every item of a file; write the reconstruction "
                        "(without --checkpoint: a network fitted from scratch, COIN-style)",
@@ -975,6 +996,7 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
                        help="as --max-abs-error with E = R x (max - min) of each item's "
                        "valid values")
     budget_flag(s)
+    refine_flags(s)
     out_flags(s)
     modality_flags(s)
     s.set_defaults(func=cmd_encode)

@@ -91,6 +91,7 @@ class Representation(nn.Module):
     name = "base"
     meta_learned = True  # False: nothing shared is learnt, each item is fitted from scratch
     per_item_weights = False  # the per-item state is a copy of the network's weights
+    refinable = True  # the code is per-item values a frozen network can be refined on
 
     def __init__(self, siren: SirenConfig, cfg: MethodConfig,
                  generator: torch.Generator | None = None):
@@ -393,6 +394,7 @@ class Coin(Representation):
 
     name = "coin"
     meta_learned = False
+    refinable = False  # nothing meta-learned: it is Adam from scratch already (--steps)
 
     def init_state(self, batch):
         g = torch.Generator().manual_seed(1234)

@@ -1,9 +1,12 @@
 """Climate fields on the sphere: lat/lon NetCDF in, NetCDF and globe out.
 
 Points are (cos φ cos λ, cos φ sin λ, sin φ) so the network sees no seam at the date
-line and no pole singularity. Values are scaled to [0, 1] per variable with ranges
-fitted on the training set (kept in the checkpoint, so they cost no bits); a variable
-the checkpoint has never seen is scaled by its own field range, carried in the item.
+line and no pole singularity. Regular global grids are normalised (lat ascending, lon in
+[0, 360)); every other grid (Gaussian, regional, curvilinear, unstructured) is coded as
+its points in the file's own order, its coordinates carried in the stream. Values are
+scaled to [0, 1] per variable with ranges fitted on the training set (kept in the
+checkpoint, so they cost no bits); a variable the checkpoint has never seen is scaled by
+its own field range, carried in the item.
 """
 
 from __future__ import annotations
@@ -46,6 +49,67 @@ def sphere_coords(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
     return xyz.reshape(-1, 3)
 
 
+def point_coords(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+    """Unit-sphere points ``(n, 3)`` for flat per-point latitudes/longitudes (any grid)."""
+    phi = np.deg2rad(np.asarray(lat_deg, dtype=np.float64).reshape(-1))
+    lam = np.deg2rad(np.asarray(lon_deg, dtype=np.float64).reshape(-1))
+    return np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], -1)
+
+
+def nearest_points(src_lat: np.ndarray, src_lon: np.ndarray, lat: np.ndarray,
+                   lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every (lat, lon) of a regular grid (lat-major): the index of the nearest source
+    point, and whether it is outside the source grid (farther than 1.5x the distance from
+    that point to its 8th nearest neighbour, a local spacing that holds on anisotropic
+    cells: a cropped curvilinear or unstructured grid ends there). Why: carries a
+    non-regular grid's NaN mask to a ``--resolution`` grid without inventing values
+    beyond the grid's extent."""
+    src = point_coords(src_lat, src_lon)
+    dst = sphere_coords(lat, lon)
+    try:
+        from scipy.spatial import cKDTree
+    except ImportError:  # chunked brute force: |a - b|² = 2 - 2 a·b
+        idx = np.empty(dst.shape[0], dtype=np.int64)
+        dist = np.empty(dst.shape[0])
+        for i in range(0, dst.shape[0], 4096):
+            dots = dst[i:i + 4096] @ src.T
+            idx[i:i + 4096] = np.argmax(dots, axis=1)
+            dist[i:i + 4096] = np.sqrt(np.clip(2 - 2 * dots.max(axis=1), 0, None))
+        return idx, np.zeros(dst.shape[0], dtype=bool)  # spacing unknown: nothing outside
+    tree = cKDTree(src)
+    dist, idx = tree.query(dst)
+    k = min(9, src.shape[0])
+    spacing = tree.query(src, k=k)[0][:, -1] if k > 1 else np.full(src.shape[0], np.inf)
+    return idx.astype(np.int64), dist > 1.5 * spacing[idx]
+
+
+def outside_axes(template: xr.DataArray, grid: climate.Grid, lat: np.ndarray,
+                 lon: np.ndarray) -> np.ndarray:
+    """Points of a regular (lat, lon) grid, lat-major, beyond a 1-D-axis grid's extent
+    (half a spacing past its first/last latitude and, unless it wraps, longitude).
+    Gaussian grids cover the globe: nothing is outside."""
+    out = np.zeros((len(lat), len(lon)), dtype=bool)
+    if grid.kind == "gaussian":
+        return out.reshape(-1)
+    la = np.asarray(template[grid.lat].values, dtype=np.float64)
+    lo = np.asarray(template[grid.lon].values, dtype=np.float64)
+    if grid.radians:
+        la, lo = np.degrees(la), np.degrees(lo)
+    half = 0.5 * float(np.max(np.abs(np.diff(np.sort(la))))) if la.size > 1 else 0.5
+    out |= ((np.asarray(lat) < la.min() - half - 1e-9)
+            | (np.asarray(lat) > la.max() + half + 1e-9))[:, None]
+    lo_s = np.sort(np.mod(lo, 360.0))
+    gaps = np.diff(np.append(lo_s, lo_s[0] + 360.0))
+    step = float(np.median(gaps)) if gaps.size else 360.0
+    if gaps.size and gaps.max() > 1.5 * step:  # a longitude gap: the grid does not wrap
+        j = int(np.argmax(gaps))
+        start = lo_s[(j + 1) % lo_s.size]  # the grid runs from here eastwards ...
+        span = 360.0 - gaps[j]  # ... over this many degrees
+        rel = np.mod(np.asarray(lon) - start + 0.5 * step, 360.0)
+        out |= (rel > span + step + 1e-9)[None, :]
+    return out.reshape(-1)
+
+
 def pack_mask(mask: np.ndarray) -> str:
     """A boolean grid as compact text (zlib of packed bits) for item metadata."""
     return base64.b64encode(zlib.compress(np.packbits(mask.reshape(-1)).tobytes(), 9)).decode()
@@ -64,8 +128,8 @@ def mask_bytes(text: Any, shape: Sequence[int]) -> bytes:
         raise ValueError(f"nan_mask is not base64 ({err})") from None
     raw = limits.inflate(packed, need, "nan_mask")
     if len(raw) != need:
-        raise ValueError(f"nan_mask holds {8 * len(raw):,} cells, the {shape[0]}x{shape[1]} "
-                         f"grid needs {n:,}")
+        grid = "x".join(str(int(d)) for d in shape)
+        raise ValueError(f"nan_mask holds {8 * len(raw):,} cells, the {grid} grid needs {n:,}")
     return raw
 
 
@@ -101,17 +165,40 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+BINARY_MIN = 256  # coordinates with more values than this go as zlib'd raw bytes
+
+
 def _compact_axis(values: np.ndarray) -> Any:
-    """A regular 1-D axis as {first, step, n} when that rebuilds it bit for bit."""
+    """A regular 1-D axis as {first, step, n} when that rebuilds it bit for bit; a large
+    irregular numeric one (2-D lat/lon of a curvilinear grid, cell centres) as
+    {zlib, shape}: base64 of its zlib'd little-endian bytes (exact, ~2-3x smaller than
+    JSON); anything else as JSON lists."""
     if values.ndim == 1 and values.size > 2 and values.dtype.kind == "f":
         first, step = float(values[0]), float(values[1] - values[0])
         if np.array_equal(_expand_axis({"first": first, "step": step, "n": values.size},
                                        str(values.dtype)), values):
             return {"first": first, "step": step, "n": int(values.size)}
+    if values.size > BINARY_MIN and values.dtype.kind in "fiu":
+        raw = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
+        return {"zlib": base64.b64encode(zlib.compress(raw, 9)).decode(),
+                "shape": [int(n) for n in values.shape]}
     return _jsonable(values)
 
 
 def _expand_axis(data: Any, dtype: str) -> np.ndarray:
+    if isinstance(data, dict) and "zlib" in data:  # sizes checked by _coord_shape
+        dt = np.dtype(dtype).newbyteorder("<")
+        shape = tuple(int(n) for n in data["shape"])
+        need = math.prod(shape) * dt.itemsize
+        try:
+            packed = base64.b64decode(data["zlib"], validate=True)
+        except ValueError as err:
+            raise ValueError(f"coordinate data is not base64 ({err})") from None
+        raw = limits.inflate(packed, need, "coordinate data")
+        if len(raw) != need:
+            raise ValueError(f"coordinate data holds {len(raw):,} bytes, its shape {list(shape)} "
+                             f"needs {need:,}")
+        return np.frombuffer(raw, dt).reshape(shape).astype(dtype)
     if isinstance(data, dict):
         return (data["first"] + data["step"] * np.arange(data["n"])).astype(dtype)
     return np.asarray(data, dtype=dtype)
@@ -128,7 +215,9 @@ def field_template(field: xr.DataArray, metadata: str = "full") -> dict:
     """
     ds = field.to_dataset(name=str(field.name))
     ds = ds.drop_vars(str(field.name)).assign_coords()
-    variables, _ = xr.conventions.cf_encoder(dict(ds.variables), {})
+    with warnings.catch_warnings():  # NCL's "days since 1-1-1" is year 1: no news
+        warnings.filterwarnings("ignore", "Ambiguous reference date string")
+        variables, _ = xr.conventions.cf_encoder(dict(ds.variables), {})
     coords = {str(k): {"dims": list(v.dims), "data": _compact_axis(np.asarray(v.values)),
                        "dtype": str(v.dtype),
                        "attrs": {a: _jsonable(b) for a, b in v.attrs.items()
@@ -159,6 +248,7 @@ def template_coords(tmpl: dict) -> xr.Dataset:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", xr.SerializationWarning)
+                warnings.filterwarnings("ignore", "Ambiguous reference date string")
                 return xr.decode_cf(ds, decode_times=times)
         except (ValueError, xr.SerializationWarning):
             continue
@@ -244,6 +334,19 @@ def _coord_shape(name: str, c: Any, limit: int) -> tuple[list[str], tuple[int, .
     _dtype(c["dtype"], f"template coordinate {name!r} dtype", _COORD_KINDS)
     _check_attrs(c["attrs"], f"template coordinate {name!r} attrs")
     data = c["data"]
+    if isinstance(data, dict) and "zlib" in data:  # raw bytes (_compact_axis)
+        if set(data) != {"zlib", "shape"} or not isinstance(data["zlib"], str):
+            raise ValueError(f"template coordinate {name!r}: binary data needs exactly a zlib "
+                             "string and a shape")
+        if np.dtype(c["dtype"]).kind not in "fiu":
+            raise ValueError(f"template coordinate {name!r}: binary data must be numeric")
+        shp = data["shape"]
+        if not isinstance(shp, list) or len(shp) != len(dims):
+            raise ValueError(f"template coordinate {name!r}: shape does not match its dims")
+        sizes = tuple(limits.check_count(n, f"template coordinate {name!r} shape", 0, limit)
+                      for n in shp)
+        limits.check_output_values(math.prod(sizes), f"template coordinate {name!r}")
+        return dims, sizes
     if isinstance(data, dict):  # a regular axis {first, step, n} (_compact_axis)
         if len(dims) != 1 or set(data) != {"first", "step", "n"}:
             raise ValueError(f"template coordinate {name!r}: a compact axis needs one dim "
@@ -268,9 +371,11 @@ def _coord_shape(name: str, c: Any, limit: int) -> tuple[list[str], tuple[int, .
     return dims, tuple(shape)
 
 
-def check_template(tmpl: Any, shape: tuple[int, int], limit: int) -> None:
+def check_template(tmpl: Any, shape: tuple[int, ...], limit: int, native: bool = False
+                   ) -> None:
     """Raise ValueError unless ``tmpl`` is a :func:`field_template` of a field whose
-    grid is ``shape`` (normalised (lat, lon); the field may be (lon, lat))."""
+    grid is ``shape`` (regular path: normalised (lat, lon), the field may be (lon, lat);
+    ``native``: any other grid, the field's own dims in order, 1 or 2 of them)."""
     if not isinstance(tmpl, dict):
         raise ValueError("template missing" if tmpl is None else
                          f"template must be an object, got {limits.describe(tmpl)}")
@@ -281,8 +386,10 @@ def check_template(tmpl: Any, shape: tuple[int, int], limit: int) -> None:
         climate.check_portable_encoding(tmpl["encoding"])
     _check_name(tmpl["name"], "template name")
     dims = tmpl["dims"]
-    if not isinstance(dims, list) or len(dims) != 2 or dims[0] == dims[1]:
-        raise ValueError(f"template dims must be two distinct names, got {limits.describe(dims)}")
+    ndims = len(shape) if native else 2
+    if not isinstance(dims, list) or len(dims) != ndims or len(set(map(repr, dims))) != ndims:
+        raise ValueError(f"template dims must be {ndims} distinct names, got "
+                         f"{limits.describe(dims)}")
     for d in dims:
         _check_name(d, "template dim")
     _dtype(tmpl["dtype"], "template dtype", "biuf")
@@ -302,6 +409,12 @@ def check_template(tmpl: Any, shape: tuple[int, int], limit: int) -> None:
     missing = [d for d in dims if d not in sizes]
     if missing:
         raise ValueError(f"template dim {missing[0]!r} has no coordinate")
+    if native:
+        got = tuple(sizes[d] for d in dims)
+        if got != tuple(shape):
+            raise ValueError(f"template grid {'x'.join(map(str, got))} does not match shape "
+                             f"{'x'.join(map(str, shape))}")
+        return
     grid = (sizes[dims[0]], sizes[dims[1]])
     if grid not in (tuple(shape), tuple(shape)[::-1]):
         raise ValueError(f"template grid {grid[0]}x{grid[1]} does not match shape "
@@ -319,6 +432,23 @@ def _template_grid(tmpl: dict) -> tuple[int, int]:
     except (ValueError, TypeError, OverflowError, KeyError) as err:
         raise ValueError(f"template coordinates: {limits.one_line(err)}") from None
     return coords.sizes[lat], coords.sizes[lon]
+
+
+def _template_native_grid(tmpl: dict, kind: str, shape: tuple[int, ...]) -> None:
+    """A checked template of a non-regular grid must hold a usable grid of ``kind`` (no
+    NaN coordinates, |lat| <= 90, no duplicate cells where the kind forbids them)."""
+    try:
+        coords = template_coords(tmpl)
+        stub = xr.DataArray(np.broadcast_to(np.float32(0), shape), dims=tmpl["dims"],
+                            coords=coords.coords, name=tmpl["name"])
+        grid = climate.check_grid(stub)
+    except (ValueError, TypeError, OverflowError, KeyError) as err:
+        raise ValueError(f"template coordinates: {limits.one_line(err)}") from None
+    if grid.kind != kind:
+        raise ValueError(f"template coordinates form a {grid.kind} grid, the item says {kind}")
+    if climate.native_regular(grid):
+        raise ValueError("template coordinates form a regular grid, the item says "
+                         f"{kind}")
 
 
 @dataclass
@@ -372,14 +502,14 @@ def _on_lat_lon(var: xr.DataArray) -> bool:
     Dimension names alone (``x``/``y``/``z`` of a voxel grid) are not enough.
     """
     try:
-        lat, lon = climate.find_lat_lon(var)
+        grid = climate.find_grid(var)
     except climate.ClimateDataError:
         return False
-    if lat not in var.coords or lon not in var.coords:
-        return False
-    la, lo = np.asarray(var[lat].values), np.asarray(var[lon].values)
+    la, lo = np.asarray(var[grid.lat].values), np.asarray(var[grid.lon].values)
     if la.dtype.kind not in "fiu" or lo.dtype.kind not in "fiu" or la.size < 2 or lo.size < 2:
         return False
+    if grid.radians:
+        la, lo = np.degrees(la), np.degrees(lo)
     return bool(np.nanmin(la) >= -90.01 and np.nanmax(la) <= 90.01
                 and np.nanmax(lo) - np.nanmin(lo) <= 360.01)
 
@@ -402,7 +532,7 @@ NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
 
 class SphereModality(Modality):
     name = "sphere"
-    description = "global lat/lon climate fields (NetCDF/zarr) on the unit sphere"
+    description = "climate fields on any lat/lon grid (NetCDF/zarr) on the unit sphere"
     in_dim = 3
     out_dim = 1
     magic = NETCDF_MAGIC
@@ -413,7 +543,7 @@ class SphereModality(Modality):
 
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
-        self._grid_checked: tuple[dict, tuple[int, int]] | None = None  # see check_meta
+        self._grid_checked: tuple[dict, Any] | None = None  # see check_meta
         self._warned: set[str] = set()  # variables already reported as unknown
 
     # -- reading ----------------------------------------------------------------------
@@ -432,8 +562,8 @@ class SphereModality(Modality):
             ds = climate.open_climate(p)
         except Exception:  # noqa: BLE001 - not a file this plugin reads
             return False
-        try:
-            return any(_on_lat_lon(v) for v in ds.data_vars.values())
+        try:  # lat/lon stored as data variables (geodesic, SEAM) count as coordinates
+            return any(_on_lat_lon(v) for v in climate.promote_grid_coords(ds).data_vars.values())
         finally:
             ds.close()
 
@@ -491,8 +621,16 @@ class SphereModality(Modality):
 
     # -- signals ----------------------------------------------------------------------
     def to_signal(self, item: xr.DataArray, options: SphereOptions | None = None) -> Signal:
+        """Regular global grids: lat-major normalised grid (as ever). Any other grid: the
+        field's points in its own order (meta ``grid`` = kind, ``shape`` = its dims)."""
         import torch
 
+        try:
+            grid = climate.find_grid(item)
+        except climate.ClimateDataError:
+            grid = None
+        if grid is not None and not climate.native_regular(grid):
+            return self._native_signal(item, grid)
         try:  # a lazily opened field (the accessor, the Python API) loads its values here
             values, lat, lon, _ = climate.normalize_field(item)
         except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
@@ -518,6 +656,31 @@ class SphereModality(Modality):
                       torch.from_numpy(scaled).float(),
                       None if finite.all() else torch.from_numpy(finite), meta)
 
+    def _native_signal(self, item: xr.DataArray, grid: climate.Grid) -> Signal:
+        import torch
+
+        try:
+            values, lat, lon, grid = climate.field_points(item)
+        except (RuntimeError, OSError) as err:
+            src = item.encoding.get("source", "the file")
+            raise ValueError(f"{src}: cannot read variable {item.name}: {err} "
+                             "(corrupted file?)") from None
+        lo, hi, how = self.scale_for(item)
+        finite = np.isfinite(values)
+        scaled = ((np.nan_to_num(values, nan=lo) - lo) / (hi - lo)).reshape(-1, 1)
+        meta = {"variable": str(item.name), "units": str(item.attrs.get("units", "")),
+                "scale": [lo, hi], "scaling": how, "grid": grid.kind,
+                "shape": [int(n) for n in item.shape], "n_masked": int((~finite).sum())}
+        if not finite.all():
+            meta["nan_mask"] = pack_mask(~finite)
+        sig = Signal(torch.from_numpy(point_coords(lat, lon)).float(),
+                     torch.from_numpy(scaled).float(),
+                     None if finite.all() else torch.from_numpy(finite), meta)
+        area = item.encoding.get(climate._ENC_AREA)
+        if isinstance(area, np.ndarray) and area.shape == (sig.n_points,):
+            sig._cell_area = torch.from_numpy(area)  # not in meta: never in a stream
+        return sig
+
     def item_template(self, item: xr.DataArray, options: SphereOptions | None = None) -> dict:
         """``metadata="cf"`` keeps only CF attributes (units, names, calendar…): fewer bytes."""
         return field_template(item, _options(options).metadata)
@@ -527,6 +690,11 @@ class SphereModality(Modality):
         return signal.n_points
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
+        """Errors in the field's units. ``rmse_area_weighted`` weighs each point by its
+        cell's area: cos(lat) on 1-D lat/lon grids (regular, Gaussian, regional: exact up
+        to the constant spacing); on curvilinear/unstructured grids the cell areas from
+        the file's CF bounds or SCRIP corners, else cos(lat) too (then it is only right
+        where points are evenly spaced in lat/lon, e.g. not on a geodesic grid)."""
         import torch
 
         lo, hi = signal.meta["scale"]
@@ -535,8 +703,12 @@ class SphereModality(Modality):
         valid = signal.mask.reshape(-1) if signal.mask is not None else torch.ones_like(t).bool()
         err = (p - t)[valid]
         mse01 = float((err**2).mean())
-        phi = torch.asin(signal.coords[:, 2].double().clamp(-1, 1))[valid]
-        w = torch.cos(phi).clamp_min(0)
+        area = getattr(signal, "_cell_area", None)
+        if area is not None:
+            w = area.double()[valid]
+        else:
+            phi = torch.asin(signal.coords[:, 2].double().clamp(-1, 1))[valid]
+            w = torch.cos(phi).clamp_min(0)
         span = hi - lo
         return {"psnr_db": -10 * math.log10(max(mse01, 1e-20)),
                 "rmse": math.sqrt(mse01) * span,
@@ -579,6 +751,8 @@ class SphereModality(Modality):
         lo, hi = _pair(meta.get("scale"), "scale")
         if not lo <= hi:
             raise ValueError(f"scale must be [min, max] with min <= max, got [{lo}, {hi}]")
+        if "grid" in meta:
+            return self._check_native_meta(meta, options, limit)
         shape = meta.get("shape")
         if not isinstance(shape, list) or len(shape) != 2:
             raise ValueError(f"shape must be a list of two sizes, got {limits.describe(shape)}")
@@ -607,6 +781,69 @@ class SphereModality(Modality):
         glat, glon = climate.regular_latlon_shape(resolution)
         return limits.check_output_values(glat * glon, f"a {glat}x{glon} output grid")
 
+    def _check_native_meta(self, meta: dict, options: SphereOptions | None, limit: int
+                           ) -> int:
+        """check_meta for a non-regular grid: kind, shape (1 dim for unstructured, else 2),
+        template (coordinates decoded only after their sizes are bounded), NaN mask."""
+        kind = meta["grid"]
+        if kind not in climate.GRID_KINDS or kind == "regular":
+            raise ValueError(f"grid must be one of {climate.GRID_KINDS[1:]}, got "
+                             f"{limits.describe(kind)}")
+        shape = meta.get("shape")
+        ndim = 1 if kind == "unstructured" else 2
+        if not isinstance(shape, list) or len(shape) != ndim:
+            raise ValueError(f"shape of a {kind} grid must be a list of {ndim} sizes, got "
+                             f"{limits.describe(shape)}")
+        sizes = tuple(limits.check_count(n, "shape", 1, limit) for n in shape)
+        n = limits.check_output_values(math.prod(sizes), f"a {'x'.join(map(str, sizes))} field")
+        tmpl = meta.get("template")
+        check_template(tmpl, sizes, limit, native=True)
+        last = getattr(self, "_grid_checked", None)
+        if last is None or last[0] is not tmpl or last[1] != (kind, sizes):
+            _template_native_grid(tmpl, kind, sizes)
+            self._grid_checked = (tmpl, (kind, sizes))
+        if "nan_mask" in meta:
+            mask_bytes(meta["nan_mask"], sizes)
+        resolution = _options(options).resolution
+        if resolution is None:
+            return n
+        glat, glon = climate.regular_latlon_shape(resolution)
+        return limits.check_output_values(glat * glon, f"a {glat}x{glon} output grid")
+
+    def _native_reconstruct(self, meta: dict, predict: PredictFn, resolution: Any,
+                            template: xr.DataArray) -> xr.DataArray:
+        """Predict at the template's own points (exactly the signal's, in its order) and
+        reshape; or on a regular grid, the NaN mask carried by nearest point."""
+        import torch
+
+        lo, hi = meta["scale"]
+        src_lat, src_lon, grid = climate.grid_points(template)
+        if resolution is None:
+            lat, lon = src_lat, src_lon
+            pts = torch.from_numpy(point_coords(lat, lon)).float()
+        else:
+            lat, lon = climate.regular_latlon(float(resolution))
+            pts = torch.from_numpy(sphere_coords(lat, lon)).float()
+        with torch.no_grad():
+            pred = predict(pts).reshape(-1).double().numpy()
+        values = lo + pred * (hi - lo)
+        mask = (unpack_mask(meta["nan_mask"], (math.prod(meta["shape"]),)).reshape(-1)
+                if "nan_mask" in meta else np.zeros(src_lat.size, dtype=bool))
+        if resolution is None:
+            values[mask] = np.nan
+        else:  # NaN where the nearest input point was NaN, and outside the input grid
+            idx, outside = nearest_points(src_lat, src_lon, lat, lon)
+            if grid.kind in ("gaussian", "regional"):
+                outside = outside_axes(template, grid, lat, lon)
+            values[mask[idx] | outside] = np.nan
+        if resolution is None:
+            data = values.reshape(template.shape)
+            if np.issubdtype(template.dtype, np.floating):
+                data = data.astype(template.dtype)
+            return template.copy(data=data)
+        return climate.field_to_dataarray(values.reshape(len(lat), len(lon)), lat, lon,
+                                          template)
+
     def reconstruct(self, meta: dict, predict: PredictFn, options: SphereOptions | None = None,
                     template: xr.DataArray | None = None) -> xr.DataArray:
         """The field as a DataArray; ``options.resolution`` (degrees) gives a new global grid."""
@@ -615,6 +852,15 @@ class SphereModality(Modality):
         if template is None:
             self.check_meta(meta, options)  # a stream's meta: validated before any allocation
             template = template_field(meta["template"])
+        if "grid" in meta:
+            out = self._native_reconstruct(meta, predict, _options(options).resolution,
+                                           template)
+            lo, hi = meta["scale"]
+            out.attrs = dict(template.attrs)
+            out.attrs["mscn_reconstruction"] = ("decoded from sparse modulations of a "
+                                                "meta-learned SIREN")
+            out.attrs["mscn_scale_min"], out.attrs["mscn_scale_max"] = float(lo), float(hi)
+            return out
         resolution = _options(options).resolution
         lo, hi = meta["scale"]
         if resolution is None:

@@ -72,7 +72,7 @@ class MscnArray(BackendArray):
     in the variable's order) to its item in the stream; a read decodes just those items."""
 
     def __init__(self, source: _Source, item_of: np.ndarray, dims: tuple[str, ...],
-                 grid_dims: tuple[str, str], shape: tuple[int, ...], dtype: np.dtype):
+                 grid_dims: tuple[str, ...], shape: tuple[int, ...], dtype: np.dtype):
         self.source, self.item_of, self.dims = source, item_of, dims
         self.grid_dims, self.shape, self.dtype = grid_dims, shape, np.dtype(dtype)
         self.item_axes = [i for i, d in enumerate(dims) if d not in grid_dims]
@@ -88,13 +88,13 @@ class MscnArray(BackendArray):
         idx = [np.atleast_1d(i) for i in idx]
         order = self.item_axes + self.grid_axes  # internal layout: items, then grid
         items = self.item_of[np.ix_(*[idx[a] for a in self.item_axes])]
-        g0, g1 = (idx[a] for a in self.grid_axes)
-        out = np.empty(items.shape + (len(g0), len(g1)), dtype=self.dtype)
+        gidx = [idx[a] for a in self.grid_axes]  # 2 grid dims, or 1 (unstructured cells)
+        out = np.empty(items.shape + tuple(len(g) for g in gidx), dtype=self.dtype)
         if out.size:
             for pos in np.ndindex(*items.shape):
                 field = self.source.field(int(items[pos]))
                 out[pos] = field.transpose(*[self.dims[a] for a in self.grid_axes]
-                                           ).values[np.ix_(g0, g1)]
+                                           ).values[np.ix_(*gidx)]
         out = out.transpose(np.argsort(order))  # back to the variable's dim order
         return out.reshape([s for s, k in zip(out.shape, keep, strict=True) if k])
 
@@ -113,11 +113,14 @@ class _Source:
                                         self.options)
 
 
-def _grid_dims(field: xr.DataArray) -> tuple[str, str]:
+def _grid_dims(field: xr.DataArray) -> tuple[str, ...]:
+    """The horizontal dims of a decoded field, in its order: (lat, lon) of a regular
+    grid, the 2 dims of a Gaussian/regional/curvilinear grid, the cell dim of an
+    unstructured one."""
     from mscn_datasets import climate
 
-    lat, lon = climate.find_lat_lon(field)
-    return str(lat), str(lon)
+    grid = climate.find_grid(field)
+    return tuple(str(d) for d in field.dims if d in grid.dims)
 
 
 def _stack(stream: Any, modality: Any, options: Any
@@ -135,8 +138,7 @@ def _stack(stream: Any, modality: Any, options: Any
     for i, meta in enumerate(stream.items_meta):
         s = modality.reconstruct(merge_common(common, meta), _zeros, options)
         firsts.setdefault(str(s.name), s)
-        lat, lon = _grid_dims(s)
-        t = s.isel({lat: slice(0, 1), lon: slice(0, 1)})
+        t = s.isel({d: slice(0, 1) for d in _grid_dims(s)})
         tiny.append(t.copy(data=np.full(t.shape, i, dtype=np.float64)))  # exact item numbers
     return [(st, firsts[str(st.name)]) for st in climate.stack_variables(tiny)]
 
@@ -306,8 +308,14 @@ def _fit_array(ck: Any, modality: Any, da: xr.DataArray, steps: int | None,
 
 
 def _gridded(ds: xr.Dataset) -> list[str]:
+    """Fields on any lat/lon grid; lat/lon, bounds and corners stored as data variables
+    describe the grid and are not fields."""
+    from mscn_datasets import climate
+
     on_grid = _sphere()._on_lat_lon
-    return [str(k) for k, v in ds.data_vars.items() if on_grid(v)]
+    ds = climate.promote_grid_coords(ds)
+    skip = climate._grid_var_names(ds)
+    return [str(k) for k, v in ds.data_vars.items() if str(k) not in skip and on_grid(v)]
 
 
 class MscnDataArrayAccessor:
@@ -376,8 +384,11 @@ class MscnDatasetAccessor:
             bits: int | None = None, resolution: float | None = None) -> xr.Dataset:
         """Every gridded variable as the checkpoint represents it (``checkpoint`` None:
         the shipped ``era5_t850.safetensors``); other variables are left out."""
+        from mscn_datasets import climate
+
         ck, modality = _load_sphere(checkpoint)
-        out = {name: _fit_array(ck, modality, self._ds[name], steps, bits, resolution)
+        ds = climate.promote_grid_coords(self._ds)  # lat/lon stored as data variables
+        out = {name: _fit_array(ck, modality, ds[name], steps, bits, resolution)
                for name in self._variables(None)}
         return xr.Dataset(out, attrs=dict(self._ds.attrs))
 

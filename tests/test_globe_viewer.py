@@ -433,6 +433,8 @@ def test_undecoded_times_show_dates(sst, t850):
     for units, (value, shown) in raw.items():
         da = field.assign_coords(time=xr.Variable((), value, {"units": units}))
         assert shown in globe.item_identity(da), units
+    fill = field.assign_coords(time=xr.Variable((), 9.969209968386869e36))  # NetCDF fill
+    assert "time=" not in globe.item_identity(fill)
     noleap = field.assign_coords(time=xr.Variable((), 59, {"units": "days since 2001-01-01",
                                                           "calendar": "noleap"}))
     assert "time=2001-03-01" in globe.item_identity(noleap)
@@ -482,3 +484,186 @@ def test_gif_panels_and_projection(tmp_path, t850):
         assert im.n_frames == 2 and im.size == (160, 92)  # two panels; globes, not maps
     with pytest.raises(ValueError, match="need the truth field"):
         globe.rotating_globe_gif(t850, tmp_path / "b.gif", frames=1, panels="error")
+
+
+# --------------------------------------------------------------------------- grid kinds
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} absent")
+
+
+def _field(name: str, var: str, **isel) -> xr.DataArray:
+    from mscn_datasets.climate import promote_grid_coords
+
+    with xr.open_dataset(SHARED / name, decode_times=False) as ds:
+        return promote_grid_coords(ds)[var].isel(**isel).load()
+
+
+KINDS = {  # name -> (file, variable, isel, grid kind)
+    "pop": ("ncl_pop_ocean_curvilinear.nc", "t", {}, "curvilinear"),
+    "mpiom": ("ncl_mpiom_tos_bipolar_curvilinear.nc", "tos", {"time": 0}, "curvilinear"),
+    "seam": ("ncl_seam_ps_2d_latlon.nc", "ps", {"time": 0}, "curvilinear"),
+    "geodesic": ("ncl_geodesic_2562cells_unstructured.nc", "height", {"time": 0},
+                 "unstructured"),
+    "t42": ("ncl_t42_uv300.nc", "U", {"time": 0}, "gaussian"),
+}
+
+
+@pytest.fixture(scope="module")
+def kinds() -> dict[str, xr.DataArray]:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} absent")
+    return {k: _field(f, v, **isel) for k, (f, v, isel, _) in KINDS.items()}
+
+
+def _noisy(da: xr.DataArray) -> xr.DataArray:
+    rng = np.random.default_rng(0)
+    return da + 0.05 * float(da.std()) * rng.standard_normal(da.shape)
+
+
+def _unit(lat, lon) -> np.ndarray:
+    la, lo = np.radians(lat), np.radians(lon)
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], -1)
+
+
+def _nearest_image(da: xr.DataArray, w: int, h: int, c: float) -> np.ndarray:
+    """The value of the nearest cell centre at each pixel centre of a bare PlateCarree map."""
+    from scipy.spatial import cKDTree
+
+    f = globe.normalize_field(da)
+    lat, lon = f["lat"].values, f["lon"].values
+    if f.dims == ("lat", "lon"):
+        lat, lon = np.meshgrid(lat, lon, indexing="ij")
+    lons = (np.arange(w) + 0.5) / w * 360.0 - 180.0 + c
+    lats = 90.0 - (np.arange(h) + 0.5) / h * 180.0
+    plat, plon = np.meshgrid(lats, lons, indexing="ij")
+    _, idx = cKDTree(_unit(lat.ravel(), lon.ravel())).query(_unit(plat.ravel(), plon.ravel()))
+    return np.ravel(f.values)[idx].reshape(h, w)
+
+
+@needs_shared
+@pytest.mark.parametrize("name, c", [("pop", 0.0), ("pop", -150.0), ("mpiom", 0.0),
+                                     ("seam", 0.0), ("geodesic", 100.0), ("t42", 0.0)])
+def test_each_grid_kind_is_drawn_where_its_cells_are(tmp_path, kinds, name, c):
+    """Bare gray map vs the nearest cell at every pixel: right place, NaN cells blank, no
+    cell smeared across the map at the seam (it would colour land rows / blank the edge)."""
+    da = kinds[name]
+    assert globe.normalize_field(da).attrs["grid"] == KINDS[name][3]
+    lo, hi = float(np.nanmin(da)), float(np.nanmax(da))
+    vmax = hi + 0.3 * (hi - lo)  # data stays darker than 0.77 white; blank is white
+    globe.render_field(da, tmp_path / "b.png", cmap="gray", vmin=lo, vmax=vmax, bare=True,
+                       coastlines=False, figsize=(8, 4), dpi=45, central_longitude=c)
+    px = _pixels(tmp_path / "b.png")
+    h, w = px.shape[:2]
+    blank = px.min(-1) > 245
+    want = _nearest_image(da, w, h, c)
+    wet = np.isfinite(want)
+    assert (~blank[wet]).mean() > 0.97, "holes where there are cells"
+    if (~wet).any():
+        assert blank[~wet].mean() > 0.9, "NaN (land) cells drawn"
+        band = slice(int(h * 80 / 180), int(h * 90 / 180))  # 10N..0: Africa, S America
+        assert abs((~blank[band]).mean() - wet[band].mean()) < 0.03, "smeared band"
+    assert (~blank[:, [0, -1]][wet[:, [0, -1]]]).mean() > 0.97, "blank map edges (seam)"
+    got = px[..., 0].astype(float) / 255.0 * (vmax - lo) + lo
+    ok = wet & ~blank
+    assert np.corrcoef(got[ok], want[ok])[0, 1] > 0.95
+    if name == "t42":
+        assert not blank[0].any() and not blank[-1].any(), "Gaussian polar caps left blank"
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["pop", "geodesic", "seam"])
+def test_grid_kinds_all_projections(tmp_path, kinds, layouts, name):
+    da = kinds[name]
+    for projection, rows in [("both", ["PlateCarree", "Orthographic"]),
+                             ("robinson", ["Robinson"])]:
+        out = globe.render_globe(da, _noisy(da), tmp_path / "g.png", projection=projection,
+                                 dpi=30)
+        axes = layouts[-1]
+        assert [a["proj"] for a in axes] == [r for r in rows for _ in range(3)]
+        assert [a["title"].split(" ")[0] for a in axes[:3]] == ["Truth", "Reconstruction",
+                                                                "Error"]
+        px = _pixels(out)
+        assert px.std() > 30, "image looks blank"
+        r, b = px[..., 0], px[..., 2]
+        assert ((r - b) > 80).sum() > 100 and ((b - r) > 80).sum() > 100
+    out = globe.rotating_globe_gif(_noisy(da), tmp_path / "s.gif", frames=2, dpi=30, truth=da)
+    frames = _gif_frames(out)
+    assert len(frames) == 2 and all(f.std() > 20 for f in frames)
+    assert np.abs(frames[0] - frames[1]).mean() > 1
+
+
+def _analytic(lat, lon):
+    la, lo = np.radians(lat), np.radians(lon)
+    return np.cos(la) * np.sin(lo) + 0.5 * np.sin(2 * la)
+
+
+def _regular(res: float, nan_above: float = 91.0) -> xr.DataArray:
+    lat = np.arange(-90 + res / 2, 90, res)
+    lon = np.arange(0, 360, res)
+    v = _analytic(lat[:, None], lon[None, :])
+    v[lat > nan_above] = np.nan
+    return xr.DataArray(v, dims=("lat", "lon"), coords={"lat": lat, "lon": lon}, name="f")
+
+
+def _on_points(da: xr.DataArray) -> xr.DataArray:
+    """``da``'s grid carrying the analytic field (NaN where ``da`` is NaN)."""
+    f = globe.normalize_field(da)  # cell grids keep their order; lat/lon in degrees
+    v = _analytic(f["lat"].values, f["lon"].values)
+    return da.copy(data=np.where(np.isfinite(da.values), v, np.nan)).rename("f")
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["pop", "geodesic"])
+def test_error_panel_values(kinds, name):
+    truth = _on_points(kinds[name])
+    # same grid: the plain difference, NaN where the truth is NaN
+    recon = _noisy(truth)
+    err = globe.error_on_truth_grid(truth, recon)
+    assert err.shape == truth.shape
+    np.testing.assert_array_equal(np.ravel(err), np.ravel(recon - truth))
+    # regular recon (decoded with --resolution): bilinear onto the truth points
+    err = globe.error_on_truth_grid(truth, _regular(1.0))
+    wet = np.isfinite(np.ravel(truth))
+    assert np.isfinite(np.ravel(err)[wet]).all()
+    inner = np.abs(globe.normalize_field(truth)["lat"].values) < 89.4
+    assert float(np.nanmax(np.abs(err.values[inner]))) < 2e-3  # bilinear, 1 deg, smooth
+    assert float(np.nanmax(np.abs(err))) < 0.015  # poleward of the last row: held constant
+    # ... whose NaN rows (no data above 60N): nearest non-NaN recon value, no holes
+    err = globe.error_on_truth_grid(truth, _regular(1.0, nan_above=60.0))
+    assert np.isfinite(np.ravel(err)[wet]).all()
+    # non-regular recon on a regular truth: the nearest recon cell
+    reg = _regular(2.0)
+    err = globe.error_on_truth_grid(reg, truth)
+    assert err.dims == ("lat", "lon")
+    if name == "geodesic":  # no NaN cells: every point has a value
+        assert np.isfinite(err).all()
+    assert float(np.nanmax(np.abs(err))) < 0.1  # a few degrees of a unit-slope field
+
+
+@needs_shared
+def test_regional_grid_shows_the_region(tmp_path, monkeypatch):
+    """A Pacific box across the dateline: maps cover the box, the globe looks at it."""
+    relief = _field("etopo60_relief_1deg.nc", "ROSE").sel(ETOPO60Y=slice(-40, 40))
+    box = relief.isel(ETOPO60X=(relief.ETOPO60X > 120) & (relief.ETOPO60X < 250))
+    assert globe.normalize_field(box).attrs["grid"] == "regional"
+    seen = []
+    save = globe._save_png
+
+    def spy(fig, path, overwrite):
+        seen.extend((type(ax.projection).__name__, ax.projection.proj4_params,
+                     ax.get_extent()) for ax in fig.axes
+                    if hasattr(ax, "projection"))
+        return save(fig, path, overwrite)
+
+    monkeypatch.setattr(globe, "_save_png", spy)
+    out = globe.render_globe(box, _noisy(box), tmp_path / "r.png", dpi=30)
+    maps = [e for p, _, e in seen if p == "PlateCarree"]
+    globes = [q for p, q, _ in seen if p == "Orthographic"]
+    assert len(maps) == 3 and len(globes) == 3
+    for x0, x1, y0, y1 in maps:  # native extent: lon relative to the box centre (175W)
+        assert (x0, x1, y0, y1) == pytest.approx((-65, 65, -40, 40), abs=1.5)
+    assert all(q.get("pm", q.get("lon_0")) == pytest.approx(-175, abs=1)
+               for p, q, _ in seen if p == "PlateCarree")
+    assert globes[0]["lon_0"] == pytest.approx(-175, abs=1) and abs(globes[0]["lat_0"]) < 1
+    px = _pixels(out)
+    assert px.std() > 30

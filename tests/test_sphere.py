@@ -335,9 +335,19 @@ def test_bad_files_are_refused(tiny_sphere_checkpoint, tmp_path):
     regional = xr.open_dataset(ERA5)["t"].isel(number=0, time=0).sel(
         isobaricInhPa=850, latitude=slice(60, 0), longitude=slice(0, 90))
     regional.to_netcdf(tmp_path / "regional.nc")
+    # a regional grid is a supported kind now (issue 8 part 2): fitted at its own points
     r = _mscn("fit", tmp_path / "regional.nc", "--checkpoint", tiny_sphere_checkpoint,
+              "-o", tmp_path / "regional_fit.nc")
+    assert r.returncode == 0, r.stderr
+    with xr.open_dataset(tmp_path / "regional_fit.nc") as got:
+        assert got["t"].dims == regional.dims
+        np.testing.assert_array_equal(got["latitude"].values, regional["latitude"].values)
+    # a bad grid (duplicate latitudes) is still refused in one line naming the variable
+    dup = regional.isel(latitude=[0, 0, 1, 2])
+    dup.to_netcdf(tmp_path / "dup.nc")
+    r = _mscn("fit", tmp_path / "dup.nc", "--checkpoint", tiny_sphere_checkpoint,
               "-o", tmp_path / "o.nc")
-    assert r.returncode != 0 and "global" in r.stderr.lower()
+    assert r.returncode != 0 and "duplicate" in r.stderr and "'t'" in r.stderr, r.stderr
     allnan = xr.open_dataset(ERA5)["t"].isel(number=0, time=0).sel(isobaricInhPa=850) * np.nan
     allnan.to_netcdf(tmp_path / "nan.nc")
     r = _mscn("fit", tmp_path / "nan.nc", "--checkpoint", tiny_sphere_checkpoint,

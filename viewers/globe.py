@@ -19,14 +19,23 @@ file created concurrently.
 
 Conventions
 -----------
-Input fields are 2-D ``(lat, lon)`` :class:`xarray.DataArray` objects with
-arbitrary coordinate names (found by the reader's CF-aware
-:func:`mscn_datasets.climate.find_lat_lon`).  Latitude may be in either order,
-longitude in 0..360, -180..180 or any other 360-degree window.  Internally every
-field is normalised to ascending latitude and longitude in [-180, 180); global
-(periodic) grids get a wrapped extra column so that the seam is covered.
-Cells are drawn with ``pcolormesh`` using proper cell edges (latitude edges
-clipped to +/-90), NaN cells are left blank.
+Input fields are one horizontal slice as an :class:`xarray.DataArray` on any grid the
+reader's :func:`mscn_datasets.climate.find_grid` names (degrees or radians):
+
+* regular / Gaussian / regional (1-D lat and lon axes): normalised to ascending latitude
+  and longitude in [-180, 180) (any order or 360-degree window in); global grids get a
+  wrapped extra column so the seam is covered; ``pcolormesh`` with cell edges halfway
+  between centres (clipped to +/-90; a Gaussian grid's outer rows reach the poles).
+  A regional field is shown whole: maps set to its box, maps and globes centred on it.
+* curvilinear (2-D lat/lon on two dims, ocean models): a mesh of cell corners (means of
+  the four surrounding centres on the unit sphere), drawn in the axes' own coordinates.
+  Cells whose corners straddle a map's seam are drawn once per side, clipped to the
+  edge, not smeared across the map; on a globe, corners behind it are pulled onto the
+  horizon.  A 2-D array whose index neighbours are not neighbours (a cubed sphere
+  stored as rows, SEAM) would overlap itself and is drawn as unstructured cells.
+* unstructured (one cell dim): spherical Voronoi polygons around the cell centres.
+
+NaN cells are left blank on every grid.
 
 View options (``mscn view globe ... --projection/--central-longitude/--cmap/--vmin/
 --vmax/--panels``) are checked before anything is drawn; a bad one is a one-line
@@ -162,6 +171,15 @@ def _wrap180(lon: np.ndarray) -> np.ndarray:
     return (np.asarray(lon, dtype=float) + 180.0) % 360.0 - 180.0
 
 
+#: Grid kinds drawn cell by cell from their own coordinates (not a lat x lon product).
+_CELL_GRIDS = ("curvilinear", "unstructured")
+
+
+def _grid(da: xr.DataArray):
+    """The reader's description of ``da``'s horizontal grid (one finder: climate's)."""
+    return climate.find_grid(da)
+
+
 def normalize_field(da: xr.DataArray, central_longitude: float = 0.0) -> xr.DataArray:
     """Return ``da`` as float ``(lat, lon)`` with ascending lat and lon in [c-180, c+180).
 
@@ -169,24 +187,37 @@ def normalize_field(da: xr.DataArray, central_longitude: float = 0.0) -> xr.Data
     returned ``lon`` coordinate is ``wrap(lon - c)`` + 0, in [-180, 180)), which
     is what a ``PlateCarree(central_longitude=c)`` axes uses.  Size-1 extra
     dimensions are squeezed into scalar coordinates; other extra dimensions are
-    an error.  Attributes (name, long_name, units) are preserved.
+    an error.  Attributes (name, long_name, units) are preserved; ``attrs["grid"]``
+    is the grid kind.  Curvilinear fields come back as ``(y, x)`` and unstructured
+    ones as ``(cell,)``, with ``lat``/``lon`` coordinates in degrees on those dims
+    (lon relative to ``c`` as above), since they have no lat x lon product to sort.
     """
     if not isinstance(da, xr.DataArray):
         raise TypeError(f"expected xarray.DataArray, got {type(da).__name__}")
-    lat, lon = climate.find_lat_lon(da)
+    if da.attrs.get("grid") in _CELL_GRIDS and da.dims in (("y", "x"), ("cell",)):
+        shift = da.attrs.get("central_longitude", 0.0) - central_longitude
+        out = da.assign_coords(lon=_wrap180(da["lon"] + shift))  # already normalised
+        out.attrs["central_longitude"] = float(central_longitude)
+        return out
+    grid = _grid(da)
+    if grid.kind in _CELL_GRIDS:
+        return _normalize_cells(da, grid, central_longitude)
+    lat, lon = grid.dims  # 1-D axes: their coordinates may be named apart from the dims
     extra = [d for d in da.dims if d not in (lat, lon)]
     big = [d for d in extra if da.sizes[d] != 1]
     if big:
         raise ValueError(f"field must be 2-D (lat, lon); extra non-singleton dims {big}")
     if extra:
         da = da.squeeze(extra)
-    for d in (lat, lon):
+    for d in (grid.lat, grid.lon):
         if d not in da.coords:
             raise ValueError(f"dimension {d!r} has no coordinate values; cannot georeference")
     attrs, name = dict(da.attrs), da.name
-    lat_vals = np.asarray(da[lat].values, dtype=float)
-    lon_vals = _wrap180(np.asarray(da[lon].values, dtype=float) - central_longitude)
-    scalars = {k: v for k, v in da.coords.items() if k not in (lat, lon) and v.ndim == 0}
+    scale = np.degrees(1.0) if grid.radians else 1.0
+    lat_vals = np.asarray(da[grid.lat].values, dtype=float) * scale
+    lon_vals = _wrap180(np.asarray(da[grid.lon].values, dtype=float) * scale - central_longitude)
+    skip = {lat, lon, grid.lat, grid.lon}
+    scalars = {k: v for k, v in da.coords.items() if k not in skip and v.ndim == 0}
     out = xr.DataArray(
         np.asarray(da.transpose(lat, lon).values, dtype=float),
         dims=("lat", "lon"),
@@ -200,6 +231,36 @@ def normalize_field(da: xr.DataArray, central_longitude: float = 0.0) -> xr.Data
     out["lon"].attrs.update(units="degrees_east")
     out["lat"].attrs.update(units="degrees_north")
     out.attrs["central_longitude"] = float(central_longitude)
+    if grid.kind != "regular":
+        out.attrs["grid"] = grid.kind
+    return out
+
+
+def _normalize_cells(da: xr.DataArray, grid, central_longitude: float) -> xr.DataArray:
+    """A curvilinear ``(y, x)`` or unstructured ``(cell,)`` field with degree lat/lon coords."""
+    dims = tuple(grid.dims)
+    extra = [d for d in da.dims if d not in dims]
+    big = [d for d in extra if da.sizes[d] != 1]
+    if big:
+        raise ValueError(f"field must be one horizontal slice; extra non-singleton dims {big}")
+    if extra:
+        da = da.squeeze(extra)
+    scale = np.degrees(1.0) if grid.radians else 1.0
+    lat = np.asarray(da[grid.lat].transpose(*dims).values, dtype=float) * scale
+    lon = np.asarray(da[grid.lon].transpose(*dims).values, dtype=float) * scale
+    new_dims = ("y", "x") if len(dims) == 2 else ("cell",)
+    skip = {grid.lat, grid.lon, *dims}
+    scalars = {k: v for k, v in da.coords.items() if k not in skip and v.ndim == 0}
+    out = xr.DataArray(
+        np.asarray(da.transpose(*dims).values, dtype=float),
+        dims=new_dims,
+        coords={"lat": (new_dims, lat, {"units": "degrees_north"}),
+                "lon": (new_dims, _wrap180(lon - central_longitude), {"units": "degrees_east"})},
+        name=da.name,
+        attrs=dict(da.attrs),
+    )
+    out = out.assign_coords(scalars)
+    out.attrs.update(central_longitude=float(central_longitude), grid=grid.kind)
     return out
 
 
@@ -242,37 +303,81 @@ def _mesh(da: xr.DataArray) -> tuple[np.ndarray, np.ndarray, np.ma.MaskedArray]:
     padded = _pad_periodic(da)
     lon_e = _edges(padded["lon"].values)
     lat_e = _edges(padded["lat"].values, -90.0, 90.0)
+    if da.attrs.get("grid") == "gaussian":  # its outermost rows are the polar caps
+        lat_e[0], lat_e[-1] = -90.0, 90.0
     return lon_e, lat_e, np.ma.masked_invalid(padded.values)
 
 
 def error_on_truth_grid(truth: xr.DataArray, recon: xr.DataArray) -> xr.DataArray:
-    """``recon - truth`` on the truth grid (recon linearly interpolated, lon periodic)."""
+    """``recon - truth`` on the truth grid.
+
+    Same grid: the plain difference.  Regular-like recon (1-D lat/lon, e.g. decoded with
+    ``--resolution``): bilinear interpolation, periodic in lon, onto the truth's points
+    (curvilinear/unstructured truths: where a bilinear neighbour is NaN, e.g. land next to
+    a coast, the nearest non-NaN recon value).  Curvilinear/unstructured recon on
+    another grid: nearest recon cell (great-circle) to each truth point.
+    """
     t = normalize_field(truth)
     r = normalize_field(recon)
-    same = (
-        t.shape == r.shape
-        and np.allclose(t["lat"].values, r["lat"].values)
-        and np.allclose(t["lon"].values, r["lon"].values)
-    )
-    if same:
+    if _same_grid(t, r):
         r_on_t = r.values
+    elif r.attrs.get("grid") in _CELL_GRIDS:
+        r_on_t = _nearest(r, t)
     else:
         # Periodic in lon (wrapped columns); beyond recon's outermost latitude rows (e.g.
         # truth has the pole rows, recon has cell centres) hold the edge row constant.
         rp = _pad_periodic(r)
         rlat = rp["lat"].values
-        r_on_t = rp.interp(
-            lat=np.clip(t["lat"].values, rlat.min(), rlat.max()),
-            lon=t["lon"].values,
-            method="linear",
-        ).values
+        if t.attrs.get("grid") in _CELL_GRIDS:
+            pts = {k: xr.DataArray(np.ravel(t[k].values), dims="pt") for k in ("lat", "lon")}
+            pts["lat"] = pts["lat"].clip(rlat.min(), rlat.max())
+            r_on_t = rp.interp(pts, method="linear").values.reshape(t.shape)
+            gap = np.isnan(r_on_t) & np.isfinite(t.values)  # a NaN (land) neighbour
+            if gap.any() and np.isfinite(r.values).any():
+                r_on_t[gap] = _nearest(r, t.where(gap), finite_only=True)[gap]
+        else:
+            r_on_t = rp.interp(
+                lat=np.clip(t["lat"].values, rlat.min(), rlat.max()),
+                lon=t["lon"].values,
+                method="linear",
+            ).values
     err = t.copy(data=r_on_t - t.values)
     err.name = f"{t.name}_error" if t.name else "error"
     err.attrs = {
         "long_name": f"{_long_name(t)} error (recon − truth)",
         "units": t.attrs.get("units", ""),
     }
+    for k in ("grid", "central_longitude"):
+        if k in t.attrs:
+            err.attrs[k] = t.attrs[k]
     return err
+
+
+def _same_grid(a: xr.DataArray, b: xr.DataArray) -> bool:
+    if a.dims != b.dims or a.shape != b.shape:
+        return False
+    return all(np.allclose(a[k].values, b[k].values) for k in ("lat", "lon"))
+
+
+def _points(da: xr.DataArray) -> np.ndarray:
+    """Unit vectors of every value's position (1-D grids: the lat x lon product)."""
+    lat, lon = np.asarray(da["lat"].values, float), np.asarray(da["lon"].values, float)
+    if da.dims == ("lat", "lon"):
+        lat, lon = np.meshgrid(lat, lon, indexing="ij")
+    return _xyz(lat, lon + da.attrs.get("central_longitude", 0.0)).reshape(-1, 3)
+
+
+def _nearest(src: xr.DataArray, dst: xr.DataArray, finite_only: bool = False) -> np.ndarray:
+    """``src`` values at ``dst``'s points: nearest neighbour on the sphere (chord kd-tree);
+    ``finite_only``: the nearest non-NaN one (coastal points next to a masked cell)."""
+    from scipy.spatial import cKDTree
+
+    pts, vals = _points(src), np.ravel(src.values)
+    if finite_only:
+        ok = np.isfinite(vals)
+        pts, vals = pts[ok], vals[ok]
+    _, idx = cKDTree(pts).query(_points(dst))
+    return vals[idx].reshape(dst.shape)
 
 
 # --------------------------------------------------------------------------- labels
@@ -376,9 +481,13 @@ def _fmt_scalar(v: Any, attrs: Mapping[str, Any] | None = None) -> str:
 
 
 def _redundant_coord(da: xr.DataArray, name: str) -> bool:
-    """Hide cfgrib's ``step=0`` and a ``valid_time`` equal to ``time``."""
+    """Hide cfgrib's ``step=0``, a ``valid_time`` equal to ``time``, and a NetCDF fill
+    value (SEAM's ``time=9.96921e+36``): it says "no value", not a time."""
     try:
         v = da.coords[name].values
+        fill = da.coords[name].attrs.get("_FillValue", da.coords[name].encoding.get("_FillValue"))
+        if np.asarray(v).dtype.kind == "f" and (abs(float(v)) >= 9.9e36 or v == fill):
+            return True
         if name == "step":
             return bool(np.all(np.asarray(v).astype(float) == 0))
         if name == "valid_time" and "time" in da.coords and da.coords["time"].ndim == 0:
@@ -392,7 +501,8 @@ def item_identity(da: xr.DataArray) -> str:
     """``number=3 · time=2017-01-01 12:00 · isobaricInhPa=850`` from scalar coords."""
     lat, lon = (None, None)
     try:
-        lat, lon = climate.find_lat_lon(da)
+        grid = _grid(da)
+        lat, lon = grid.lat, grid.lon
     except ValueError:  # ClimateDataError: no recognisable axes
         pass
     parts = []
@@ -498,9 +608,19 @@ def _draw(
     coast_resolution: str,
     gridlines: bool = False,
 ):
-    """Draw one normalised-at-lon-0 field onto a GeoAxes; returns the QuadMesh."""
+    """Draw one normalised-at-lon-0 field onto a GeoAxes; returns the colour-bar mappable."""
     import cartopy.crs as ccrs
+    from matplotlib.colors import Normalize
 
+    grid = da.attrs.get("grid", "regular")
+    if grid in _CELL_GRIDS:
+        mesh = _draw_cells(ax, da, kind, central_longitude, cmap, Normalize(vmin, vmax))
+        _frame(ax, da, kind)
+        if coastlines:
+            _add_coastlines(ax, coast_resolution)
+        if gridlines:
+            ax.gridlines(linewidth=0.3, color="0.4", alpha=0.6, linestyle=":")
+        return mesh
     if kind in ("platecarree", "robinson"):
         # Maps: shift the data itself so the map's seam (c ± 180) is the data's lon ±180 and
         # the source CRS shares the map's centre: no cell straddles the seam.
@@ -525,12 +645,228 @@ def _draw(
         shading="flat",
         rasterized=True,
     )
-    ax.set_global()
+    _frame(ax, da, kind)
     if coastlines:
         _add_coastlines(ax, coast_resolution)
     if gridlines:
         ax.gridlines(linewidth=0.3, color="0.4", alpha=0.6, linestyle=":")
     return mesh
+
+
+# --------------------------------------------------------------------------- cell grids
+
+_LIM = 179.999  # seam copies are clipped just inside the map's edge (see _map_polygons)
+_HORIZON_EPS = 1e-4  # hidden globe points are pulled this far in front of the horizon
+_GEOMETRY: dict = {}  # cell geometry by (shape, lat bytes, lon bytes); frames reuse it
+
+
+def _xyz(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    la, lo = np.radians(lat), np.radians(lon)
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], -1)
+
+
+def _latlon(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = p / np.linalg.norm(p, axis=-1, keepdims=True)
+    lat = np.degrees(np.arcsin(np.clip(p[..., 2], -1.0, 1.0)))
+    return lat, np.degrees(np.arctan2(p[..., 1], p[..., 0]))
+
+
+def _quad_corners(centres: np.ndarray) -> np.ndarray:
+    """(ny+1, nx+1, 3) cell corners of a curvilinear grid: means of the four surrounding
+    centres on the unit sphere (edges extrapolated), so the lon seam needs no unwrapping."""
+    q = np.pad(centres, ((1, 1), (1, 1), (0, 0)), mode="reflect", reflect_type="odd")
+    c = 0.25 * (q[:-1, :-1] + q[1:, :-1] + q[:-1, 1:] + q[1:, 1:])
+    return c / np.linalg.norm(c, axis=-1, keepdims=True)
+
+
+def _voronoi_cells(points: np.ndarray) -> np.ndarray:
+    """(n, k, 3) spherical Voronoi polygons around ``points`` (the dual of the Delaunay
+    triangulation that scipy's ConvexHull gives), padded by repeating the last vertex."""
+    from scipy.spatial import SphericalVoronoi
+
+    _, first, inverse = np.unique(np.round(points, 9), axis=0, return_index=True,
+                                  return_inverse=True)
+    sv = SphericalVoronoi(points[first], radius=1.0, threshold=1e-6)
+    sv.sort_vertices_of_regions()
+    k = max(len(r) for r in sv.regions)
+    idx = np.array([r + [r[-1]] * (k - len(r)) for r in sv.regions])
+    return sv.vertices[idx][np.ravel(inverse)]
+
+
+def _cell_geometry(field: xr.DataArray) -> tuple[str, np.ndarray]:
+    """``("quads", corners)`` for a curvilinear grid whose index neighbours are neighbours
+    on the sphere, else ``("polygons", voronoi cells)`` -- e.g. unstructured cells, or
+    a cubed sphere stored as an arbitrary 2-D array (SEAM), whose quads would overlap."""
+    lat = np.asarray(field["lat"].values, dtype=float)
+    lon = np.asarray(field["lon"].values, dtype=float) + field.attrs.get("central_longitude", 0)
+    key = (lat.shape, lat.tobytes(), _wrap180(lon).tobytes())
+    if key in _GEOMETRY:
+        return _GEOMETRY[key]
+    centres = _xyz(lat, lon)
+    geom = None
+    if lat.ndim == 2 and min(lat.shape) >= 2:
+        c = _quad_corners(centres)
+        area = 0.5 * np.linalg.norm(np.cross(c[1:, 1:] - c[:-1, :-1], c[1:, :-1] - c[:-1, 1:]),
+                                    axis=-1).sum()
+        if area < 1.3 * 4 * np.pi:  # a true mesh tiles (part of) the sphere once
+            geom = ("quads", c)
+    if geom is None:
+        geom = ("polygons", _voronoi_cells(centres.reshape(-1, 3)))
+    if len(_GEOMETRY) > 16:
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = geom
+    return geom
+
+
+def _map_polygons(lon: np.ndarray, lat: np.ndarray):
+    """Polygons (n, k) in map-relative lon [-180, 180) -> (vertex list, source index).
+
+    Why: a cell whose corners straddle the map's seam would be drawn as a band across the
+    whole map.  Its corners are unwrapped to be contiguous and it is drawn twice, once
+    per side, clipped to the edge; a cell around a pole becomes the band up to the pole.
+    """
+    d = _wrap180(np.diff(lon, axis=1))
+    lu = np.concatenate([lon[:, :1], lon[:, :1] + np.cumsum(d, axis=1)], axis=1)
+    winding = lu[:, -1] - lu[:, 0] + _wrap180(lu[:, 0] - lu[:, -1])
+    pole = np.abs(winding) > 180.0
+    cross = ~pole & ((lu.max(1) >= 180.0) | (lu.min(1) < -180.0))
+    verts, src = [], []
+    for i in np.flatnonzero(~pole & ~cross):
+        verts.append(np.stack([lu[i], lat[i]], -1))
+        src.append(i)
+    for i in np.flatnonzero(cross):
+        shift = -360.0 if lu[i].max() >= 180.0 else 360.0
+        for u in (lu[i], lu[i] + shift):
+            verts.append(np.stack([np.clip(u, -_LIM, _LIM), lat[i]], -1))
+            src.append(i)
+    for i in np.flatnonzero(pole):
+        o = np.argsort(lon[i])
+        lo_, la_ = lon[i][o], lat[i][o]
+        edge, top = 0.5 * (la_[0] + la_[-1]), 90.0 * np.sign(la_.mean())
+        ring = [(-_LIM, top), (-_LIM, edge), *zip(lo_, la_, strict=True), (_LIM, edge), (_LIM, top)]
+        verts.append(np.array(ring, dtype=float))
+        src.append(i)
+    return verts, np.array(src, dtype=int), pole | cross
+
+
+def _on_globe(p: np.ndarray, proj) -> tuple[np.ndarray, np.ndarray]:
+    """Orthographic view: points behind the globe are pulled onto the horizon, so cells
+    cut by it end at the limb; returns the lat/lon and which points were visible."""
+    lon0 = np.radians(proj.proj4_params.get("lon_0", 0.0))
+    lat0 = np.radians(proj.proj4_params.get("lat_0", 0.0))
+    v = np.array([np.cos(lat0) * np.cos(lon0), np.cos(lat0) * np.sin(lon0), np.sin(lat0)])
+    dot = p @ v
+    hidden = dot < _HORIZON_EPS
+    p = np.where(hidden[..., None], p - (dot - _HORIZON_EPS)[..., None] * v, p)
+    lat, lon = _latlon(p)
+    return np.stack([lon, lat], -1), ~hidden
+
+
+def _project(ax, lonlat: np.ndarray, src_crs) -> np.ndarray:
+    flat = lonlat.reshape(-1, 2)
+    xy = ax.projection.transform_points(src_crs, flat[:, 0], flat[:, 1])[:, :2]
+    return xy.reshape(lonlat.shape)
+
+
+def _draw_cells(ax, field: xr.DataArray, kind: str, central_longitude: float, cmap, norm):
+    """Curvilinear / unstructured field onto a GeoAxes in the axes' own coordinates.
+
+    Curvilinear grids are a QuadMesh of their corners; cells straddling a map's seam
+    (and unstructured cells, as spherical Voronoi polygons) are a PolyCollection.
+    NaN cells are not drawn.  Returns the first collection (the colour-bar mappable).
+    """
+    import cartopy.crs as ccrs
+    from matplotlib.collections import PolyCollection, QuadMesh
+
+    what, geom = _cell_geometry(field)
+    values = np.asarray(field.values, dtype=float)
+    finite = np.isfinite(values)
+    globe_view = kind == "orthographic"
+    if globe_view:
+        src = ccrs.PlateCarree()
+        lonlat, seen = _on_globe(geom, ax.projection)
+    else:
+        src = ccrs.PlateCarree(central_longitude=central_longitude)
+        lat, lon = _latlon(geom)
+        lonlat, seen = np.stack([_wrap180(lon - central_longitude), lat], -1), None
+    style = {"cmap": cmap, "norm": norm, "rasterized": True}
+    first = None
+    if what == "quads":
+        cells = np.stack([lonlat[:-1, :-1], lonlat[:-1, 1:], lonlat[1:, 1:], lonlat[1:, :-1]],
+                         axis=2)  # (ny, nx, 4, 2)
+        vals = values.reshape(cells.shape[:2])
+        hide = ~np.isfinite(vals)
+        if globe_view:
+            hide |= ~(seen[:-1, :-1] | seen[:-1, 1:] | seen[1:, 1:] | seen[1:, :-1])
+            polys, src_idx = [], np.zeros(0, int)
+        else:
+            flat = cells.reshape(-1, 4, 2)
+            polys, src_idx, odd = _map_polygons(flat[..., 0], flat[..., 1])
+            keep = odd[src_idx] & np.isfinite(vals.ravel()[src_idx])
+            polys = [v for v, k in zip(polys, keep, strict=True) if k]
+            src_idx = src_idx[keep]
+            hide |= odd.reshape(hide.shape)
+        xy = _project(ax, lonlat, src)
+        first = QuadMesh(xy, shading="flat", antialiased=False, **style)
+        first.set_array(np.ma.masked_array(vals, hide))
+        ax.add_collection(first, autolim=False)
+        pvals = vals.ravel()[src_idx]
+    else:
+        vals = values.ravel()
+        if globe_view:
+            keep = np.flatnonzero(finite.ravel() & seen.any(axis=1))
+            polys, src_idx = list(lonlat[keep]), keep
+        else:
+            polys, src_idx, _ = _map_polygons(lonlat[..., 0], lonlat[..., 1])
+            ok = finite.ravel()[src_idx]
+            polys = [v for v, k in zip(polys, ok, strict=True) if k]
+            src_idx = src_idx[ok]
+        pvals = vals[src_idx]
+    if polys or first is None:
+        sizes = [len(v) for v in polys]
+        xy = _project(ax, np.concatenate(polys), src) if polys else np.zeros((0, 2))
+        verts = np.split(xy, np.cumsum(sizes)[:-1]) if polys else []
+        coll = PolyCollection(verts, array=pvals, antialiased=False, linewidths=0, **style)
+        ax.add_collection(coll, autolim=False)
+        first = first or coll
+    return first
+
+
+def _region(da: xr.DataArray) -> tuple[float, float, float, float] | None:
+    """(lon0, lon1, lat0, lat1) of a regional field, lon0 < lon1 unwrapped, else None."""
+    if da.attrs.get("grid") != "regional":
+        return None
+    lon = np.sort(np.unique(_wrap180(np.asarray(da["lon"].values, dtype=float)
+                                     + da.attrs.get("central_longitude", 0.0))))
+    lat = np.asarray(da["lat"].values, dtype=float)
+    gaps = np.diff(np.concatenate([lon, [lon[0] + 360.0]]))
+    start = (int(np.argmax(gaps)) + 1) % lon.size  # the region begins after the widest gap
+    lon0 = lon[start]
+    lon1 = lon0 + float((lon[start - 1] - lon0) % 360.0)
+    dx, dy = 0.5 * _spacing(lon), 0.5 * _spacing(np.sort(lat))
+    return (lon0 - dx, lon1 + dx, max(lat.min() - dy, -90.0), min(lat.max() + dy, 90.0))
+
+
+def _frame(ax, da: xr.DataArray, kind: str) -> None:
+    """Whole globe, or a regional field's own box on a map (a globe shows it whole)."""
+    box = _region(da)
+    if box is None or kind == "orthographic":
+        ax.set_global()
+        return
+    import cartopy.crs as ccrs
+
+    lon0, lon1, lat0, lat1 = box
+    mid = 0.5 * (lon0 + lon1)
+    ax.set_extent((lon0 - mid, lon1 - mid, lat0, lat1), crs=ccrs.PlateCarree(central_longitude=mid))
+
+
+def _centre(da: xr.DataArray, central_longitude: float, central_latitude: float
+            ) -> tuple[float, float]:
+    """Where to centre maps and globes: a regional field's middle, else as asked."""
+    box = _region(da)
+    if box is None:
+        return central_longitude, central_latitude
+    return float(_wrap180(0.5 * (box[0] + box[1]))), 0.5 * (box[2] + box[3])
 
 
 def _new_figure(figsize, dpi, layout=None):
@@ -654,9 +990,9 @@ def render_globe(
 ) -> Path:
     """Render truth | reconstruction | error panels and write a PNG atomically.
 
-    ``truth``/``recon`` are 2-D (lat, lon) fields on possibly different grids.
-    The error (recon − truth) is computed on the truth grid by periodic linear
-    interpolation of ``recon`` unless ``error`` is given.  Truth and recon share
+    ``truth``/``recon`` are horizontal fields on possibly different grids (any kind
+    :func:`normalize_field` takes).  The error (recon − truth) is computed on the truth
+    grid by :func:`error_on_truth_grid` unless ``error`` is given.  Truth and recon share
     one colour scale (truth's 1st–99th percentiles, or min/max if
     ``robust=False``; ``vmin``/``vmax`` override either end); the error uses
     ``error_cmap`` symmetric about zero at ±99th percentile of |error|.
@@ -676,6 +1012,7 @@ def render_globe(
     configure_cartopy()
     t = normalize_field(truth)
     r = normalize_field(recon)
+    central_longitude, central_latitude = _centre(t, central_longitude, central_latitude)
     vmin, vmax = _colour_limits(t.values, vmin, vmax, robust)
     err = normalize_field(error) if error is not None else error_on_truth_grid(truth, recon)
     emax = _symmetric_range(err.values)
@@ -690,7 +1027,7 @@ def render_globe(
     col_titles = {
         "truth": "Truth",
         "recon": "Reconstruction"
-        + (f"  ({r.sizes['lat']}×{r.sizes['lon']})" if r.shape != t.shape else ""),
+        + (f"  ({'×'.join(str(n) for n in r.shape)})" if r.shape != t.shape else ""),
         "error": f"Error (recon − truth), RMSE {rmse:.3g} {units}".rstrip(),
     }
     fields = {"truth": t, "recon": r, "error": err}
@@ -767,6 +1104,7 @@ def render_field(
         raise FileExistsError(f"{path} exists and overwrite=False")
     configure_cartopy()
     f = normalize_field(da)
+    central_longitude, central_latitude = _centre(f, central_longitude, central_latitude)
     vmin, vmax = _colour_limits(f.values, vmin, vmax, robust)
     if bare:
         colorbar = False
@@ -864,6 +1202,7 @@ def rotating_globe_gif(
         fields["truth"] = normalize_field(truth)
         fields["error"] = error_on_truth_grid(truth, da)
     ref = fields.get("truth", f)
+    central_longitude, central_latitude = _centre(ref, central_longitude, central_latitude)
     vmin, vmax = _colour_limits(ref.values, vmin, vmax, robust)
     emax = _symmetric_range(fields["error"].values) if "error" in fields else 1.0
     labelled = truth if truth is not None else da
