@@ -609,18 +609,25 @@ def _draw(
     gridlines: bool = False,
 ):
     """Draw one normalised-at-lon-0 field onto a GeoAxes; returns the colour-bar mappable."""
-    import cartopy.crs as ccrs
     from matplotlib.colors import Normalize
 
     grid = da.attrs.get("grid", "regular")
     if grid in _CELL_GRIDS:
         mesh = _draw_cells(ax, da, kind, central_longitude, cmap, Normalize(vmin, vmax))
-        _frame(ax, da, kind)
-        if coastlines:
-            _add_coastlines(ax, coast_resolution)
-        if gridlines:
-            ax.gridlines(linewidth=0.3, color="0.4", alpha=0.6, linestyle=":")
-        return mesh
+    else:
+        mesh = _draw_mesh(ax, da, kind, central_longitude, cmap, vmin, vmax)
+    _frame(ax, da, kind)
+    if coastlines:
+        _add_coastlines(ax, coast_resolution)
+    if gridlines:
+        ax.gridlines(linewidth=0.3, color="0.4", alpha=0.6, linestyle=":")
+    return mesh
+
+
+def _draw_mesh(ax, da: xr.DataArray, kind: str, central_longitude: float, cmap, vmin, vmax):
+    """A field on 1-D lat/lon axes as one pcolormesh."""
+    import cartopy.crs as ccrs
+
     if kind in ("platecarree", "robinson"):
         # Maps: shift the data itself so the map's seam (c ± 180) is the data's lon ±180 and
         # the source CRS shares the map's centre: no cell straddles the seam.
@@ -634,7 +641,7 @@ def _draw(
         # The wrapped seam columns would project onto the far edge of a curved map; clip
         # them to the seam instead (a PlateCarree map clips them by its rectangular frame).
         lon_e = np.clip(lon_e, -179.999, 179.999)
-    mesh = ax.pcolormesh(
+    return ax.pcolormesh(
         lon_e,
         lat_e,
         values,
@@ -645,12 +652,6 @@ def _draw(
         shading="flat",
         rasterized=True,
     )
-    _frame(ax, da, kind)
-    if coastlines:
-        _add_coastlines(ax, coast_resolution)
-    if gridlines:
-        ax.gridlines(linewidth=0.3, color="0.4", alpha=0.6, linestyle=":")
-    return mesh
 
 
 # --------------------------------------------------------------------------- cell grids
