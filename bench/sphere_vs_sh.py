@@ -1,0 +1,389 @@
+"""MSCN against spherical-harmonic truncation at the same number of coefficients (issue 8
+part 3), on held-out real fields of several grids.
+
+For every field (never in the shipped checkpoint's training set), in one run:
+
+* **SH-N**: real orthonormal spherical harmonics up to degree L, N = (L+1)² = 64, 256,
+  1024 coefficients (L = 7, 15, 31), fitted by area-weighted least squares on the field's
+  valid points and evaluated at the same points (float64 coefficients, not quantised).
+  Weights: the cell area of each point -- on 1-D lat/lon grids (regular, Gaussian) the
+  exact area of the cell between the midpoints of neighbouring latitudes and longitudes,
+  Δsin(lat)·Δlon (= cos(lat) × cell spacing); on curvilinear grids cos(lat)·|Jacobian| of
+  (lat, lon) over the grid indices; on unstructured grids the spherical Voronoi cell
+  areas. (The test files carry no cell bounds, so the plugin has no areas of its own.)
+* **MSCN-256** (the shipped checkpoint, its 256 modulations): 3 meta-learned steps
+  unquantised; the same codes at 6 bits (what a stream holds); 3 steps + 100
+  ``refine_codes`` steps unquantised. 64 and 1024 modulations need checkpoints trained
+  at those budgets, which do not exist: no MSCN entry there.
+* **training mean**: the network with its initial (unadapted) modulations, the reference
+  of ``mscn evaluate``'s ``skill_vs_training_mean``.
+* **COIN**: a small SIREN fitted from scratch per field with Adam (``mscn fit`` without
+  ``--checkpoint``), see ``COIN`` for the settings.
+
+All errors go through the plugin's ``metrics`` (field units; ``rmse`` over valid points,
+``rmse_area_weighted`` by cos(lat), which the plugin uses when a file has no cell areas),
+plus ``rmse_cell_area``: RMSE weighted by the SH fit's own cell areas above.
+
+    .venv/bin/python bench/sphere_vs_sh.py            # ~4 min on 1 CPU thread
+    .venv/bin/python bench/sphere_vs_sh.py --quick    # 1 field per set, fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+DATA = C.ROOT / "datasets" / "data"
+DEGREES = (7, 15, 31)  # (L+1)^2 = 64, 256, 1024 coefficients
+BITS = 6
+REFINE_STEPS = 100
+COIN = {"depth": 4, "width": 64, "w0": 30.0, "steps": 300, "lr": 1e-3}
+OUT = C.RESULTS / "sphere_vs_sh.json"
+
+
+# -- real spherical harmonics ---------------------------------------------------------------
+
+def sh_basis(lat: np.ndarray, lon: np.ndarray, degree: int) -> np.ndarray:
+    """(n_points, (degree+1)²) real orthonormal SH (∫ Y_a Y_b dΩ = δ_ab over the unit
+    sphere), columns ordered l = 0..degree, m = -l..l. From ``scipy.special.sph_harm_y
+    (n, m, theta=colatitude, phi=longitude)``: Y_l0 for m = 0, √2·(-1)^m Re Y_l^m for
+    m > 0, √2·(-1)^m Im Y_l^|m| for m < 0."""
+    from scipy.special import sph_harm_y
+
+    theta = np.pi / 2 - np.asarray(lat, np.float64)
+    phi = np.mod(np.asarray(lon, np.float64), 2 * np.pi)
+    cols = []
+    for n in range(degree + 1):
+        for m in range(-n, n + 1):
+            y = sph_harm_y(n, abs(m), theta, phi)
+            if m == 0:
+                cols.append(y.real)
+            elif m > 0:
+                cols.append(math.sqrt(2) * (-1) ** m * y.real)
+            else:
+                cols.append(math.sqrt(2) * (-1) ** m * y.imag)
+    return np.stack(cols, axis=1)
+
+
+def sh_fit(lat, lon, values, weights, degree: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Weighted least squares: argmin_c Σ w_i (A c - v)_i², on the given points.
+    Returns (coefficients, the fit at those points, diagnostics)."""
+    from scipy.linalg import lstsq
+
+    a = sh_basis(lat, lon, degree)
+    sw = np.sqrt(weights / weights.sum())
+    coef, _, rank, sv = lstsq(a * sw[:, None], values * sw, lapack_driver="gelsd")
+    cond = float(sv[0] / sv[-1]) if sv is not None and sv[-1] > 0 else math.inf
+    return coef, a @ coef, {"rank": int(rank), "n_coef": a.shape[1], "cond": cond}
+
+
+def sh_sanity() -> dict:
+    """Orthonormality on a fine Gauss-Legendre grid and exact recovery of a field made of
+    a few SH (on the 3° ERA5 grid, cos-lat-spacing weights, fit at L=15)."""
+    deg = max(DEGREES)
+    x, gw = np.polynomial.legendre.leggauss(2 * deg + 2)  # exact for degree <= 4*deg+3
+    nlon = 4 * deg + 4
+    lat = np.arcsin(x)
+    lon = 2 * np.pi * np.arange(nlon) / nlon
+    la, lo = np.meshgrid(lat, lon, indexing="ij")
+    w = (gw[:, None] * np.full(nlon, 2 * np.pi / nlon)[None, :]).ravel()
+    a = sh_basis(la.ravel(), lo.ravel(), deg)
+    gram = (a * w[:, None]).T @ a
+    ortho = float(np.abs(gram - np.eye(gram.shape[0])).max())
+    # known low-order forms: Y_00 = 1/sqrt(4pi), Y_10 = sqrt(3/4pi) sin(lat),
+    # Y_11 = sqrt(3/4pi) cos(lat) cos(lon) (up to the sign convention)
+    ref = np.stack([np.full(la.size, 1 / math.sqrt(4 * math.pi)),
+                    math.sqrt(3 / (4 * math.pi)) * np.sin(la.ravel()),
+                    math.sqrt(3 / (4 * math.pi)) * np.cos(la.ravel()) * np.cos(lo.ravel())], 1)
+    got = a[:, [0, 2, 3]]
+    forms = float(np.abs(np.abs(got) - np.abs(ref)).max())
+    # exact fit of a field of a few SH on a 3 degree regular grid (poles included)
+    lat3 = np.deg2rad(np.linspace(90, -90, 61))
+    lon3 = np.deg2rad(np.arange(0, 360, 3.0))
+    la3, lo3 = np.meshgrid(lat3, lon3, indexing="ij")
+    rng = np.random.default_rng(0)
+    a3 = sh_basis(la3.ravel(), lo3.ravel(), 15)
+    true = np.zeros(a3.shape[1])
+    true[rng.choice(np.arange(64), 6, replace=False)] = rng.normal(size=6)
+    field = a3 @ true
+    w3 = latlon_cell_areas(lat3, lon3).ravel()
+    coef, fit, diag = sh_fit(la3.ravel(), lo3.ravel(), field, w3, 15)
+    return {"gauss_legendre_grid": [len(lat), nlon], "max_abs_gram_minus_identity_L31": ortho,
+            "max_abs_error_Y00_Y10_Y11_closed_forms": forms,
+            "exact_fit_6_SH_on_3deg_grid_L15": {
+                "max_abs_coef_error": float(np.abs(coef - true).max()),
+                "max_abs_field_error": float(np.abs(fit - field).max()), **diag},
+            "area_sum_3deg_grid_over_4pi": float(w3.sum() / (4 * math.pi))}
+
+
+# -- cell areas -------------------------------------------------------------------------------
+
+def _edges(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    mid = (x[1:] + x[:-1]) / 2
+    first, last = x[0] - (mid[0] - x[0]), x[-1] + (x[-1] - mid[-1])
+    e = np.concatenate([[first], mid, [last]])
+    if lo is not None:
+        e = np.clip(e, lo, hi)
+    return e
+
+
+def latlon_cell_areas(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """(nlat, nlon) areas (sr) of 1-D lat/lon grid cells: Δsin(lat) × Δlon, with edges at
+    the midpoints between points, clipped at the poles (radians in)."""
+    dsin = np.abs(np.diff(np.sin(_edges(lat, -np.pi / 2, np.pi / 2))))
+    dlon = np.abs(np.diff(_edges(np.unwrap(lon))))
+    return dsin[:, None] * dlon[None, :]
+
+
+def cell_areas(signal) -> tuple[np.ndarray, str]:
+    """Per-point weights for the SH fit and how they were made."""
+    xyz = signal.coords.double().numpy()
+    lat = np.arcsin(np.clip(xyz[:, 2], -1, 1))
+    lon = np.arctan2(xyz[:, 1], xyz[:, 0])
+    kind = signal.meta.get("grid")
+    area = getattr(signal, "_cell_area", None)
+    if area is not None:
+        return area.double().numpy(), "plugin cell areas (file bounds)"
+    shape = signal.meta["shape"]
+    if kind in (None, "regular", "gaussian") and len(shape) == 2:
+        la, lo = lat.reshape(shape), lon.reshape(shape)
+        if np.allclose(la, la[:, :1]) and np.allclose(lo, lo[:1, :]):
+            return (latlon_cell_areas(la[:, 0], lo[0]).ravel(),
+                    "1-D lat/lon grid: dsin(lat) x dlon between midpoints (cos(lat) x spacing)")
+    if kind == "curvilinear" and len(shape) == 2:
+        la, lo = lat.reshape(shape), np.unwrap(np.unwrap(lon.reshape(shape), axis=0), axis=1)
+        dla_i, dla_j = np.gradient(la)
+        dlo_i, dlo_j = np.gradient(lo)
+        jac = np.abs(dla_i * dlo_j - dla_j * dlo_i)
+        return (np.cos(la) * jac).ravel(), "curvilinear: cos(lat) x |d(lat,lon)/d(i,j)|"
+    if kind == "unstructured":
+        from scipy.spatial import SphericalVoronoi
+
+        pts = xyz / np.linalg.norm(xyz, axis=1, keepdims=True)
+        sv = SphericalVoronoi(pts, radius=1.0)
+        return sv.calculate_areas(), "unstructured: spherical Voronoi cell areas"
+    return np.cos(lat).clip(0), "fallback: cos(lat)"
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def datasets(m, quick: bool) -> list[tuple[str, str, list]]:
+    era5 = C.ERA5
+
+    def sel(var, level, member):
+        return m.read(era5, var=var, sel=[f"isobaricInhPa={level}", f"number={member}"])[0]
+
+    sets = [("t850_m8-9", "ERA5 t 850 hPa, members 8-9, 00 UTC (held out, in distribution)",
+             [sel("t", 850, 8), sel("t", 850, 9)]),
+            ("t500", "ERA5 t 500 hPa, member 8, 00 UTC (another level)", [sel("t", 500, 8)]),
+            ("z500", "ERA5 z 500 hPa, member 8, 00 UTC (another variable)",
+             [sel("z", 500, 8)]),
+            ("coads_sst", "COADS SST 2 deg, January and February (another data set, land NaN)",
+             m.read(DATA / "coads_sst_airt_2deg_jan-mar.nc", var="SST")[:2]),
+            ("t42_u300", "T42 Gaussian grid, U 300 hPa, first time (zonal wind)",
+             m.read(DATA / "t42_gaussian_uv300_U.nc", var="U")[:1]),
+            ("mpiom_tos", "MPIOM tos, curvilinear ocean crop (regional, land NaN)",
+             m.read(DATA / "mpiom_tos_curvilinear_crop.nc", var="tos")[:1]),
+            ("geodesic_height", "geodesic 2562-cell grid, height (unstructured)",
+             m.read(DATA / "geodesic_2562cells_t0.nc", var="height")[:1])]
+    return [(n, d, f[:1] if quick else f) for n, d, f in sets]
+
+
+# -- methods ------------------------------------------------------------------------------------
+
+def metrics(m, signal, pred, weights) -> dict:
+    import torch
+
+    pred = torch.as_tensor(np.asarray(pred, np.float64)).reshape(-1, 1).float()
+    out = m.metrics(signal, pred)
+    lo, hi = signal.meta["scale"]
+    valid = (signal.mask.numpy().reshape(-1).astype(bool) if signal.mask is not None
+             else np.ones(signal.n_points, bool))
+    err = (pred.double().numpy().reshape(-1) - signal.targets.double().numpy().reshape(-1))
+    w = weights[valid]
+    out["rmse_cell_area"] = math.sqrt(float((w * err[valid] ** 2).sum() / w.sum())) * (hi - lo)
+    keep = ("rmse", "rmse_area_weighted", "rmse_cell_area", "max_abs_error", "psnr_db")
+    return {k: float(out[k]) for k in keep}
+
+
+def coin_predictions(m, signals, steps: int) -> tuple[list, float, int]:
+    import torch
+
+    from mscn_core.meta import fit_from_scratch
+    from mscn_core.methods import MethodConfig, build_representation
+    from mscn_core.signals import full_batches
+
+    siren = C.siren_config(depth=COIN["depth"], width=COIN["width"], w0=COIN["w0"],
+                           w0_first=COIN["w0"], in_dim=m.in_dim, out_dim=m.out_dim)
+    preds: list = [None] * len(signals)
+    n_params = 0
+    t0 = time.perf_counter()
+    for idx, batch in full_batches(signals, max_batch=len(signals)):
+        torch.manual_seed(0)
+        rep = build_representation(siren, MethodConfig(method="coin", coin_lr=COIN["lr"],
+                                                       coin_steps=steps),
+                                   torch.Generator().manual_seed(0))
+        state = fit_from_scratch(rep, batch, m, steps)
+        with torch.no_grad():
+            pred = m.render(lambda pts, state=state, rep=rep: rep.predict(state, {}, pts),
+                            batch.coords)
+        n_params = rep.code_size()
+        for j, i in enumerate(idx):
+            preds[i] = pred[j]
+    return preds, time.perf_counter() - t0, n_params
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-o", "--output", default=None)
+    args = ap.parse_args()
+    C.setup_torch(args.threads)
+    warnings.simplefilter("ignore")  # "not in the checkpoint's training set": the point here
+    from mscn_core.checkpoint import load_checkpoint
+    from mscn_core.pipeline import (
+        adapt_codes,
+        initial_predictions,
+        predictor,
+        quantize_codes,
+        refine_codes,
+    )
+    from mscn_core.registry import get_modality
+
+    t_start = time.perf_counter()
+    refine_steps = 10 if args.quick else REFINE_STEPS
+    coin_steps = 50 if args.quick else COIN["steps"]
+    ck = load_checkpoint(C.SHIPPED)
+    m = get_modality("sphere")
+    m.load_state(ck.modality_state)
+    budget = ck.rep.code_size()
+    C.log("SH sanity checks")
+    sanity = sh_sanity()
+    C.log(f"  {sanity}")
+    out = {"checkpoint": str(C.SHIPPED.relative_to(C.ROOT)), "sha256": ck.sha256,
+           "mscn_modulations": budget, "sh_degrees": list(DEGREES),
+           "sh_coefficients": [(d + 1) ** 2 for d in DEGREES],
+           "settings": {
+               "sh": "real orthonormal SH (scipy.special.sph_harm_y), weighted least squares "
+                     "(scipy.linalg.lstsq, gelsd) on valid points, weights = cell areas (see "
+                     "per-set 'weights'), evaluated at the same points; float64 coefficients",
+               "mscn": f"shipped checkpoint, {budget} modulations: 3 meta-learned steps "
+                       f"(unquantised; and quantised to {BITS} bits), and 3 + "
+                       f"{refine_steps} refine_codes steps (lr default, unquantised)",
+               "mscn_other_budgets": "64 and 1024 modulations need checkpoints meta-trained "
+                                     "at those budgets; none exist, so no MSCN entry there",
+               "training_mean": "the checkpoint's network with its initial modulations "
+                                "(pipeline.initial_predictions)",
+               "coin": {**COIN, "steps": coin_steps,
+                        "note": "fresh SIREN per field, Adam on all points, full batch, "
+                                "seed 0 (mscn fit without --checkpoint, smaller and shorter)"},
+               "metrics": "plugin metrics in field units: rmse (valid points, unweighted), "
+                          "rmse_area_weighted (plugin: cos(lat), no file has cell bounds); "
+                          "rmse_cell_area: weighted by the SH fit's cell areas",
+               "threads": args.threads, "quick": args.quick},
+           "sh_sanity": sanity, "machine": C.machine_info(), "sets": {}}
+    rows = []
+    for name, desc, fields in datasets(m, args.quick):
+        C.log(f"{name}: {len(fields)} field(s)")
+        signals = [m.to_signal(f) for f in fields]
+        entry = {"description": desc, "n_points": signals[0].n_points,
+                 "grid": signals[0].meta.get("grid", "regular"),
+                 "scaling": signals[0].meta["scaling"], "fields": []}
+        per = [{"label": C.field_label(f) or str(f.name),
+                "n_valid": int(s.mask.sum()) if s.mask is not None else s.n_points,
+                "methods": {}, "seconds": {}} for f, s in zip(fields, signals, strict=True)]
+        weights = []
+        for s, p in zip(signals, per, strict=True):
+            w, how = cell_areas(s)
+            weights.append(w)
+            entry["weights"] = how
+            p["weights_sum_over_4pi"] = float(w.sum() / (4 * math.pi))
+            xyz = s.coords.double().numpy()
+            lat = np.arcsin(np.clip(xyz[:, 2], -1, 1))
+            lon = np.arctan2(xyz[:, 1], xyz[:, 0])
+            valid = (s.mask.numpy().astype(bool).reshape(-1) if s.mask is not None
+                     else np.ones(s.n_points, bool))
+            y = s.targets.double().numpy().reshape(-1)
+            for deg in DEGREES:
+                t0 = time.perf_counter()
+                coef, _, diag = sh_fit(lat[valid], lon[valid], y[valid], w[valid], deg)
+                pred = sh_basis(lat, lon, deg) @ coef
+                pred[~valid] = 0.0  # never scored
+                key = f"sh_{(deg + 1) ** 2}"
+                p["methods"][key] = {**metrics(m, s, pred, w), **diag}
+                p["seconds"][key] = time.perf_counter() - t0
+        # MSCN at its budget
+        t0 = time.perf_counter()
+        codes = adapt_codes(ck, m, signals)
+        t_adapt = time.perf_counter() - t0
+        _, qcodes = quantize_codes(ck, codes, BITS)
+        t0 = time.perf_counter()
+        rcodes = refine_codes(ck, m, signals, codes, refine_steps)
+        t_refine = time.perf_counter() - t0
+        init = initial_predictions(ck, m, signals)
+        C.log(f"  {name}: MSCN done (adapt {t_adapt:.1f}s, refine {t_refine:.1f}s); COIN")
+        coin, t_coin, n_coin = coin_predictions(m, signals, coin_steps)
+        out["settings"]["coin"]["params_per_field"] = n_coin
+        for i, (s, p, w) in enumerate(zip(signals, per, weights, strict=True)):
+            meth = p["methods"]
+            meth[f"mscn_{budget}_3steps"] = metrics(m, s, predictor(ck, m, codes[i])(s.coords), w)
+            meth[f"mscn_{budget}_3steps_{BITS}bit"] = metrics(
+                m, s, predictor(ck, m, qcodes[i])(s.coords), w)
+            meth[f"mscn_{budget}_refine{refine_steps}"] = metrics(
+                m, s, predictor(ck, m, rcodes[i])(s.coords), w)
+            meth["training_mean"] = metrics(m, s, init[i], w)
+            meth[f"coin_{COIN['depth']}x{COIN['width']}_{coin_steps}steps"] = metrics(
+                m, s, coin[i], w)
+            p["seconds"].update({"mscn_adapt_all_fields": t_adapt,
+                                 "mscn_refine_all_fields": t_refine,
+                                 "coin_all_fields": t_coin})
+            sh256 = meth["sh_256"]["rmse"]
+            p["ratio_mscn_over_sh256"] = {
+                "3steps": meth[f"mscn_{budget}_3steps"]["rmse"] / sh256,
+                f"3steps_{BITS}bit": meth[f"mscn_{budget}_3steps_{BITS}bit"]["rmse"] / sh256,
+                f"refine{refine_steps}": meth[f"mscn_{budget}_refine{refine_steps}"]["rmse"]
+                / sh256}
+            units = s.meta.get("units", "")
+            r = p["methods"]
+            label = re.sub(r",?isobaricInhPa=[^,]*", "", p["label"])
+            rows.append([name, f"{i}: {label}", units,
+                         r["sh_64"]["rmse"], r["sh_256"]["rmse"], r["sh_1024"]["rmse"],
+                         r[f"mscn_{budget}_3steps"]["rmse"],
+                         r[f"mscn_{budget}_3steps_{BITS}bit"]["rmse"],
+                         r[f"mscn_{budget}_refine{refine_steps}"]["rmse"],
+                         r["training_mean"]["rmse"],
+                         r[f"coin_{COIN['depth']}x{COIN['width']}_{coin_steps}steps"]["rmse"],
+                         p["ratio_mscn_over_sh256"]["3steps"],
+                         p["ratio_mscn_over_sh256"][f"refine{refine_steps}"],
+                         r["sh_256"]["rmse_area_weighted"],
+                         r[f"mscn_{budget}_3steps"]["rmse_area_weighted"]])
+        entry["fields"] = per
+        out["sets"][name] = entry
+    header = ["set", "field", "units", "SH-64", "SH-256", "SH-1024", "MSCN-256 3st",
+              f"MSCN-256 3st {BITS}b", f"MSCN-256 +{refine_steps}ref", "train mean",
+              f"COIN {COIN['depth']}x{COIN['width']} {coin_steps}st", "MSCN/SH256",
+              "MSCN+ref/SH256", "SH-256 (area)", "MSCN 3st (area)"]
+    table = C.markdown_table(header, rows)
+    out["table"] = table
+    out["wall_seconds"] = time.perf_counter() - t_start
+    path = args.output or (C.RESULTS / "sphere_vs_sh_quick.json" if args.quick else OUT)
+    C.write_json(path, out)
+    print("RMSE in field units (valid points); last two columns area-weighted (cos lat)\n")
+    print(table)
+    print(f"\nwrote {path} ({out['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    C.run_script(main, __file__)
