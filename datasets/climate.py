@@ -415,13 +415,24 @@ def _grid_var_names(ds: xr.Dataset) -> set[str]:
                 ("_bnds", "_bounds", "_vertices")):
             out.add(n)
             continue
-        if _is_numeric(v) and 1 <= v.ndim <= 2 and (
-                _coord_score(n, v.attrs, "lat") > 0 or _coord_score(n, v.attrs, "lon") > 0):
-            others = [w for k, w in ds.data_vars.items() if k != name and w.ndim > 0]
+        if _is_numeric(v) and 1 <= v.ndim <= 2 and _geo(n, v):
+            others = [(str(k), w) for k, w in ds.data_vars.items() if k != name and w.ndim > 0]
             if any(set(v.dims) <= set(w.dims) and w.ndim > v.ndim or
-                   set(v.dims) <= set(w.dims) and v.ndim == 2 for w in others):
+                   set(v.dims) <= set(w.dims) and v.ndim == 2 for _, w in others):
+                out.add(n)
+                continue
+            # an unstructured grid whose fields are 1-D too (one time selected): a lat and
+            # a lon on the dim of a field that is neither
+            kind = "lon" if _coord_score(n, v.attrs, "lat") > 0 else "lat"
+            if v.ndim == 1 and any(w.dims == v.dims and _coord_score(k, w.attrs, kind) > 0
+                                   for k, w in others) and any(
+                    w.dims == v.dims and not _geo(k, w) for k, w in others):
                 out.add(n)
     return out
+
+
+def _geo(name: str, v: xr.DataArray) -> bool:
+    return _coord_score(name, v.attrs, "lat") > 0 or _coord_score(name, v.attrs, "lon") > 0
 
 
 def promote_grid_coords(ds: xr.Dataset) -> xr.Dataset:
@@ -1551,7 +1562,8 @@ def _var_encoding(name: str, ds: xr.Dataset, fmt: str, known: bool) -> dict[str,
             del enc["dtype"]
     if "_FillValue" not in enc and (is_coord or known):
         enc["_FillValue"] = None  # never add a fill value the input did not have
-    if fmt.startswith("NETCDF4") and not is_coord and var.ndim >= 2:
+    field_1d = var.ndim == 1 and _ENC_DIMS in enc_in  # unstructured, one item selected
+    if fmt.startswith("NETCDF4") and not is_coord and (var.ndim >= 2 or field_1d):
         if "zlib" in enc_in:
             enc["zlib"] = bool(enc_in["zlib"])
             if enc["zlib"]:
@@ -1559,21 +1571,20 @@ def _var_encoding(name: str, ds: xr.Dataset, fmt: str, known: bool) -> dict[str,
             enc["shuffle"] = bool(enc_in.get("shuffle", False))
         elif not known or "chunksizes" not in enc_in:
             enc.update(_DEFAULT_COMPRESSION)
-        chunks = _grid_chunks(var, ds)
+        chunks = _grid_chunks(var, ds) if var.ndim >= 2 else (var.size,)
         if chunks is not None:
             enc["chunksizes"] = chunks
     return enc
 
 
-def _coordinates_attr(ds: xr.Dataset, name: str) -> str | None:
+def _coordinates_attr(ds: xr.Dataset, name: str, own: Sequence[str]) -> str | None:
     """The input's ``coordinates`` attribute (cfgrib lists dimension coordinates too),
-    less what is not written, plus non-dimension coordinates it did not name."""
-    var = ds[name]
-    old = var.encoding.get("coordinates")
-    if not isinstance(old, str):
-        return None
-    names = [c for c in old.split() if c in ds.variables]
-    extra = [str(c) for c in var.coords if c not in var.dims and str(c) not in names]
+    less what is not written, plus the variable's ``own`` non-dimension coordinates it
+    did not name.  Not ``ds[name].coords``: a Dataset lends every scalar coordinate to
+    every variable (``lev`` selected on T is not PS's, ``time`` not lat2d's)."""
+    old = ds[name].encoding.get("coordinates")
+    names = [c for c in old.split() if c in ds.variables] if isinstance(old, str) else []
+    extra = [c for c in own if c in ds.coords and c not in names]
     return " ".join(names + extra) or None
 
 
@@ -1675,13 +1686,15 @@ def _netcdf_dataset(
     if fmt.startswith("NETCDF3") and len(unlimited) > 1:
         unlimited = unlimited[:1]
     encoding = {str(k): _var_encoding(str(k), ds, fmt, known) for k in ds.variables}
-    coordinates = {str(k): _coordinates_attr(ds, str(k)) for k in ds.data_vars}
+    own = {str(a.name): [str(c) for c in a.coords if c not in a.dims]
+           for a in arrays if a.name is not None}
+    coordinates = {str(k): _coordinates_attr(ds, str(k), own.get(str(k), []))
+                   for k in ds.data_vars}
     ds = _integral(ds, encoding)
     ds = _encode_times(ds, encoding)
     ds = ds.drop_encoding()
     for k, text in coordinates.items():
-        if text:
-            ds[k].encoding["coordinates"] = text
+        ds[k].encoding["coordinates"] = text or None  # None: no attribute, not xarray's guess
     stamp = _dt.datetime.now(_dt.UTC).strftime("%a %b %d %H:%M:%S %Y")
     line = f"{stamp}: {history or 'written by mscn_datasets.climate.write_netcdf'}"
     old = ds.attrs.get("history")
