@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import mscn
+from clirun import ok as _ok
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +49,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _mscn(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mscn_core", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def _ok(r: subprocess.CompletedProcess) -> dict:
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return mscn(*args, timeout=timeout, env=ENV)
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:

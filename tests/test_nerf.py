@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from clirun import mscn
+from clirun import ok as _ok
 from PIL import Image
 
 from mscn_core.registry import get_modality
@@ -37,13 +38,7 @@ TINY = ["--depth", "4", "--width", "64", "--budget", "64", "--samples", "16",
 
 
 def _mscn(*args: object, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mscn_core", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def _ok(r: subprocess.CompletedProcess) -> dict:
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)
+    return mscn(*args, timeout=timeout, env=ENV)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ test_mesh_viewer.py) to keep the suite fast.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from clirun import mscn
+from clirun import ok as _ok
 from PIL import Image
 
 from mscn_core.registry import get_modality
@@ -42,13 +42,7 @@ SDF_SMALL = ["--near-samples", "20000", "--metric-grid", "32"]
 
 
 def _mscn(*args: object, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mscn_core", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def _ok(r: subprocess.CompletedProcess) -> dict:
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)
+    return mscn(*args, timeout=timeout, env=ENV)
 
 
 def _error_line(r: subprocess.CompletedProcess) -> str:
