@@ -579,7 +579,7 @@ def _fit(args, ck, modality, items, desc: str = "fit"):
 
 
 def _provenance(args, ck, **more) -> dict:
-    """What made an output, for the plugin's ``save`` (NetCDF history, PNG text)."""
+    """What made an output, for the plugin's ``save`` to record in its own format."""
     return {"checkpoint_sha256": ck.sha256,
             "command": shlex.join(["mscn", *getattr(args, "argv", [])]), **more}
 
@@ -649,7 +649,7 @@ def cmd_evaluate(args) -> int:
     units) against the unadapted network (``skill_vs_training_mean``) and, for plugins
     with ``reference_group``, the per-point mean of the evaluated items of a group
     (``skill_vs_climatology``)."""
-    from .pipeline import climatology_mse, initial_predictions, progress, skill, target_mse
+    from .pipeline import group_mean_mse, initial_predictions, progress, skill, target_mse
 
     ck, modality = _load(args)
     rows, all_metrics, kept, groups = [], [], [], []
@@ -673,7 +673,7 @@ def cmd_evaluate(args) -> int:
             bar.update()
     if any(g is not None for g in groups):
         held = [s for s, _ in kept if s is not None]
-        refs = iter(climatology_mse(held, [g for g in groups if g is not None]))
+        refs = iter(group_mean_mse(held, [g for g in groups if g is not None]))
         for row, (s, mse) in zip(rows, kept, strict=True):
             row["skill_vs_climatology"] = skill(mse, next(refs)) if s is not None else None
     mean = _summary(all_metrics)

@@ -54,10 +54,11 @@ OPTIONAL_METHODS = ("guess_can_open", "fit_state", "state", "load_state", "item_
 #   value_scale(meta) -> float: artifact units per unit of the signal's targets (e.g. the
 #     width of a [0, 1] scaling); without it ``encode --max-abs-error`` is refused.
 #   output_ulp(meta) -> float: spacing of the artifact's number format at the largest
-#     magnitude an item with this meta can take (float32 NetCDF near 300 K: 3e-5; 8-bit
-#     images: 1 level); the error bound keeps half of it in reserve. Absent: 0 (float64).
-#   reference_group(item) -> Hashable | None: items of one climatology (the same quantity
-#     on the same points); ``mscn evaluate`` scores skill against its per-point mean.
+#     magnitude an item with this meta can take (float32 near 300: 3e-5; 8-bit integers:
+#     1); the error bound keeps half of it in reserve. Absent: 0 (float64 output).
+#   reference_group(item) -> Hashable | None: items that share a reference (the same
+#     quantity on the same points); ``mscn evaluate`` scores skill against its per-point
+#     mean.
 OPTIONAL_CAPABILITIES = ("value_scale", "output_ulp", "reference_group")
 
 

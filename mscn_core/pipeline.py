@@ -64,6 +64,32 @@ def progress(total: int, desc: str, unit: str = "item"):
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)
 
 
+def item_batches(modality, signals: Sequence[Signal], points_per_step: int | None,
+                 max_batch: int, seed: int) -> list[tuple[list[int], Batch | None, Any]]:
+    """Signals in batches of item indices: those of at most ``points_per_step`` samples
+    (default: the modality's budget) whole, as one Batch; larger ones as ``draw(k=0)``,
+    which samples that many per call with one seeded generator per item (its samples do
+    not depend on its neighbours), so memory stays bounded at any size."""
+    budget = points_per_step or getattr(modality, "points_per_step", 16384)
+    if budget < 1:
+        raise ValueError(f"points_per_step must be >= 1, got {budget}")
+    small = [i for i, s in enumerate(signals) if s.n_points <= budget]
+    large = [i for i in range(len(signals)) if signals[i].n_points > budget]
+    jobs: list[tuple[list[int], Batch | None, Any]] = [
+        ([small[j] for j in idx], b, None)
+        for idx, b in full_batches([signals[i] for i in small], max_batch)]
+    for start in range(0, len(large), max_batch):
+        chunk = large[start:start + max_batch]
+        gens = [torch.Generator().manual_seed(seed) for _ in chunk]
+        sigs = [signals[i] for i in chunk]
+
+        def draw(k: int = 0, sigs=sigs, gens=gens) -> Batch:
+            return sample_batch(modality, sigs, budget, gens)
+
+        jobs.append((chunk, None, draw))
+    return jobs
+
+
 def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int | None = None,
                 max_batch: int = 16, points_per_step: int | None = None,
                 seed: int = 0, desc: str = "adapt") -> Tensor:
@@ -73,24 +99,10 @@ def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int 
     all of them; larger items draw that many by the modality's sampler at every inner
     step (seeded, so encoding is reproducible), so memory stays bounded at any size.
     """
-    budget = points_per_step or getattr(modality, "points_per_step", 16384)
-    if budget < 1:
-        raise ValueError(f"points_per_step must be >= 1, got {budget}")
     out: list[Tensor | None] = [None] * len(signals)
-    small = [i for i, s in enumerate(signals) if s.n_points <= budget]
-    large = [i for i in range(len(signals)) if signals[i].n_points > budget]
-    jobs = [([small[j] for j in idx], b, None)
-            for idx, b in full_batches([signals[i] for i in small], max_batch)]
-    for start in range(0, len(large), max_batch):
-        chunk = large[start:start + max_batch]
-        # One generator per item: its samples (and code) do not depend on its neighbours.
-        gens = [torch.Generator().manual_seed(seed) for _ in chunk]
-        sigs = [signals[i] for i in chunk]
-
-        def draw(k: int = 0, sigs=sigs, gens=gens) -> Batch:
-            return sample_batch(modality, sigs, budget, gens)
-
-        jobs.append((chunk, draw(), draw))
+    jobs = [(idx, batch if draw is None else draw(), draw)
+            for idx, batch, draw in item_batches(modality, signals, points_per_step,
+                                                 max_batch, seed)]
     with progress(len(signals), desc) as bar:
         for idx, batch, resample in jobs:
             state, _ = adapt(ck.rep, batch, modality, steps=steps, resample=resample)
@@ -150,27 +162,17 @@ def refine_codes(ck: Checkpoint, modality, signals: Sequence[Signal], codes: Ten
     if steps == 0 or len(signals) == 0:
         return codes
     coder = quantizer(ck, bits) if bits and quant_aware else None
-    budget = points_per_step or getattr(modality, "points_per_step", 16384)
-    if budget < 1:
-        raise ValueError(f"points_per_step must be >= 1, got {budget}")
     out = codes.detach().clone().float()
-    small = [i for i, s in enumerate(signals) if s.n_points <= budget]
-    large = [i for i in range(len(signals)) if signals[i].n_points > budget]
+    budget = points_per_step or getattr(modality, "points_per_step", 16384)
     jobs: list[tuple[list[int], Batch, Any, Batch]] = []
-    for idx, b in full_batches([signals[i] for i in small], max_batch):
-        jobs.append(([small[j] for j in idx], b, None, b))
-    for start in range(0, len(large), max_batch):
-        chunk = large[start:start + max_batch]
-        sigs = [signals[i] for i in chunk]
-        # per item generators: an item's result does not depend on its neighbours
-        gens = [torch.Generator().manual_seed(seed + 1) for _ in chunk]
-        held = sample_batch(modality, sigs, budget,
-                            [torch.Generator().manual_seed(seed + 2) for _ in chunk])
-
-        def draw(sigs=sigs, gens=gens) -> Batch:
-            return sample_batch(modality, sigs, budget, gens)
-
-        jobs.append((chunk, held, draw, held))
+    for idx, batch, draw in item_batches(modality, signals, points_per_step, max_batch,
+                                         seed + 1):
+        if draw is None:
+            jobs.append((idx, batch, None, batch))
+        else:  # keep-best on one fixed seeded draw, steps on fresh ones
+            held = sample_batch(modality, [signals[i] for i in idx], budget,
+                                [torch.Generator().manual_seed(seed + 2) for _ in idx])
+            jobs.append((idx, held, draw, held))
     bar = tqdm(total=steps * len(signals), desc=desc, unit="item-step", leave=False,
                disable=None if steps * len(signals) >= 100 else True)
     with bar:
@@ -618,7 +620,7 @@ def initial_predictions(ck: Checkpoint, modality, signals: Sequence[Signal]) -> 
     return [predict(s.coords) for s in signals]
 
 
-def climatology_mse(signals: Sequence[Signal], groups: Sequence[Any]) -> list[float | None]:
+def group_mean_mse(signals: Sequence[Signal], groups: Sequence[Any]) -> list[float | None]:
     """Per item, the MSE of its group's per-point mean target (over the items of the
     group valid there, the item included). None: no group, a group of one, or items of
     different shapes in the group."""

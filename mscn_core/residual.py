@@ -13,11 +13,11 @@ Margin. ``E' = E - margin``, where the margin covers what the encoder cannot see
 
 - the float32 rounding of the targets (2**-25 at 1.0) and the network's float32 output
   on another machine (other BLAS, other thread count): ``FLOAT_SLACK`` = 2**-19 times
-  ``value_scale * (1 + max |target|)``. Measured: the float32 prediction of the shipped
-  ERA5 checkpoint lies within 4.1e-7 (2**-21.2) of the same network in float64 on held-out
+  ``value_scale * (1 + max |target|)``. Measured: the float32 prediction of a shipped
+  checkpoint lies within 4.1e-7 (2**-21.2) of the same network in float64 on held-out
   fields at 1 and 2 threads, so two float32 implementations differ by < 2**-20.2; the
   slack is twice that. (Decoding runs on the CPU; TF32 GPU matmuls would need more.)
-- the plugin's final cast (float32 NetCDF, 8-bit PNG): half of the optional
+- the plugin's final cast (to float32, to 8-bit integers): half of the optional
   ``output_ulp(meta)``, the spacing of the artifact's number format at the largest
   magnitude the item can take (0 when the plugin does not declare it: float64 output).
 

@@ -277,18 +277,18 @@ def test_quantize_meets_the_bound_and_refuses_tiny_ones():
 def test_skill_against_climatology_of_a_group():
     coords = torch.zeros(4, 2)
     sig = [Signal(coords, torch.full((4, 1), v)) for v in (1.0, 3.0, 5.0)]
-    clim = P.climatology_mse(sig, ["a", "a", None])
+    clim = P.group_mean_mse(sig, ["a", "a", None])
     assert clim == [1.0, 1.0, None]  # climatology 2: each item 1 away; no group: none
-    assert P.climatology_mse(sig[:1], ["a"]) == [None]  # a group of one
+    assert P.group_mean_mse(sig[:1], ["a"]) == [None]  # a group of one
     perfect = P.skill(P.target_mse(sig[0], sig[0].targets), clim[0])
     as_clim = P.skill(P.target_mse(sig[0], torch.full((4, 1), 2.0)), clim[0])
     assert (perfect, as_clim) == (1.0, 0.0)
     same = [Signal(coords, torch.full((4, 1), 2.0)) for _ in range(2)]
-    assert P.climatology_mse(same, [0, 0]) == [0.0, 0.0]
+    assert P.group_mean_mse(same, [0, 0]) == [0.0, 0.0]
     assert P.skill(0.1, 0.0) is None  # a constant group: climatology is perfect, no score
     masked = Signal(coords, torch.tensor([[1.0], [9.0], [1.0], [1.0]]),
                     torch.tensor([True, False, True, True]))
-    assert P.climatology_mse([masked, sig[0]], [1, 1]) == [0.0, 0.0]  # masked value unused
+    assert P.group_mean_mse([masked, sig[0]], [1, 1]) == [0.0, 0.0]  # masked value unused
 
 
 def test_evaluate_reports_skill(ckpt, env, tmp_path):
