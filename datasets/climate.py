@@ -38,7 +38,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1000,6 +1000,62 @@ def field_items(
                         f.encoding[_ENC_AREA] = area
                 out.extend(fields)
     return out
+
+
+def scan_fields(
+    path: str | os.PathLike[str],
+    label: Callable[[xr.DataArray], str],
+    var: str | Sequence[str] | None = None,
+    sel: Mapping[str, Any] | Sequence[str] | None = None,
+    sel_method: str = "exact",
+) -> list[tuple[tuple[str, str, int], str]]:
+    """``((path, variable, n), label(field))`` for every field :func:`field_items` returns
+    from ``path``, in the same order, reading coordinates only (no values).
+
+    Why: an archive of many files is listed cheaply; :func:`load_field` reads the n-th
+    field of a variable later, when a training step asks for it. A bad ``var``/``sel``
+    fails here, before any training.
+    """
+    out = []
+    with open_climate(path) as ds:
+        for da in select_variables(ds, var=var, sel=sel, sel_method=sel_method):
+            for n, f in enumerate(iter_fields(da)):
+                out.append(((str(path), str(da.name), n), label(f)))
+    return out
+
+
+def load_field(
+    ds: xr.Dataset,
+    path: str | os.PathLike[str],
+    name: str,
+    n: int,
+    sel: Mapping[str, Any] | Sequence[str] | None = None,
+    sel_method: str = "exact",
+) -> xr.DataArray:
+    """The ``n``-th field of variable ``name`` of the open ``ds`` (opened from ``path``),
+    equal in values, coordinates and encoding to that item of :func:`field_items`; only
+    its own values are read (lazy indexing / dask chunks)."""
+    with warnings.catch_warnings():  # a nearest selection already said so when scanned
+        warnings.simplefilter("ignore")
+        (da,) = select_variables(ds, var=name, sel=sel, sel_method=sel_method)
+    f = next(itertools.islice(iter_fields(da), n, None), None)
+    if f is None:
+        raise ClimateDataError(f"{path}: variable {name} has no field {n} (file changed "
+                               "since it was listed?)")
+    try:
+        f = f.load()
+    except (RuntimeError, OSError) as err:  # netCDF4/HDF5: "NetCDF: HDF error"
+        raise ClimateDataError(f"{path}: cannot read variable {name}: {err} "
+                               "(corrupted file?)") from None
+    try:
+        grid = find_grid(f)
+    except ClimateDataError:
+        grid = None
+    area = cell_areas(ds, grid, f) if grid is not None else None
+    f.encoding["source"] = f.encoding.get("source", str(path))
+    if area is not None:
+        f.encoding[_ENC_AREA] = area
+    return f
 
 
 # --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import glob
 import hashlib
 import inspect
 import json
@@ -26,7 +27,7 @@ import traceback
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 # -- dataclass ⇄ argparse: every config field is a flag, defaults are the paper's --------
@@ -134,6 +135,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.kept: str | None = None  # what the command kept on purpose (resumable state)
 
 
 @contextlib.contextmanager
@@ -206,7 +208,8 @@ def guarded(command: str | None, func: Callable[[], int | None], debug: bool = F
             return int(func() or 0)
         except Interrupted as sig:
             name = signal.Signals(sig.signum).name
-            print(f"{prefix}: interrupted ({name}); nothing written", file=sys.stderr)
+            print(f"{prefix}: interrupted ({name}); {sig.kept or 'nothing written'}",
+                  file=sys.stderr)
             return 128 + sig.signum
         except KeyboardInterrupt:
             print(f"{prefix}: interrupted; nothing written", file=sys.stderr)
@@ -290,7 +293,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _check_inputs(args: argparse.Namespace) -> None:
     """Every file the command will read, checked before any work."""
-    data = {"fit": ["file"], "encode": ["file"], "evaluate": ["files"],
+    data = {"fit": ["file"], "encode": ["files"], "evaluate": ["files"],
             "meta-train": ["data", "val_data"]}.get(args.command, [])
     files = {"decode": ["file"], "inspect": ["file"]}.get(args.command, [])
     if getattr(args, "checkpoint", None):
@@ -303,7 +306,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for dest in data:
         value = getattr(args, dest, None) or []
         for p in [value] if isinstance(value, str) else value:
-            check_input(p, folder_ok=True)
+            for m in glob_paths(p) if is_pattern(p) else [p]:  # a quoted glob: its matches
+                check_input(m, folder_ok=True)
 
 
 # -- commands --------------------------------------------------------------------------
@@ -471,11 +475,31 @@ def _inspect_stream(args) -> int:
     return 0
 
 
+def is_pattern(path: str | os.PathLike[str]) -> bool:
+    """A glob pattern (``*``, ``?``, ``[``) that is not itself an existing path."""
+    return glob.has_magic(str(path)) and not os.path.lexists(path)
+
+
+def glob_paths(pattern: str | os.PathLike[str]) -> list[Path]:
+    """What a quoted pattern matches (``**`` = any depth), sorted; hidden names need a
+    leading dot in the pattern, as in the shell. Nothing matched: a one-line error."""
+    found = sorted(Path(m) for m in glob.glob(str(pattern), recursive=True))
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, "no files match this pattern", str(pattern))
+    return found
+
+
 def expand_paths(modality, paths) -> list[Path]:
-    """Files as given; a folder (not itself a store the modality opens) becomes every file
+    """Files as given; a glob pattern (quoted, so the shell leaves it) becomes the files and
+    stores it matches; a folder (not itself a store the modality opens) becomes every file
     under it the modality can open, sorted (ShapeNet-style trees of one item per file)."""
     out: list[Path] = []
-    for p in map(Path, paths):
+    for given in paths:
+        if is_pattern(given):  # folders a pattern matches: only stores the modality opens
+            out += [m for m in glob_paths(given)
+                    if not m.is_dir() or modality.guess_can_open(m)]
+            continue
+        p = Path(given)
         if p.is_dir() and not modality.guess_can_open(p):
             found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
                            and modality.guess_can_open(f))
@@ -485,32 +509,75 @@ def expand_paths(modality, paths) -> list[Path]:
             out += found
         else:
             out.append(p)
-    return out
+    return list(dict.fromkeys(out))  # a file two patterns match is read once
 
 
-def _read_items(modality, paths, options) -> list:
-    items = []
+def _read_items(modality, paths, options, lazy: bool = False) -> Sequence:
+    """The items of every path, in order. ``lazy`` and a modality that offers
+    ``scan``/``load``: references now, values when a step indexes them."""
+    from .streaming import lazy_items, offers_streaming
+
+    items: list = []
     paths = expand_paths(modality, paths)
+    stream = lazy and offers_streaming(modality)
     for p in paths:
         with _about(p):
-            items += modality.read(p, options)
+            items += modality.scan(p, options) if stream else modality.read(p, options)
     if not items:
         raise CommandError(f"{', '.join(map(str, paths))}: no items found")
-    return items
+    return lazy_items(modality, items, options) if stream else items
 
 
 def cmd_meta_train(args) -> int:
+    """Meta-train and save a checkpoint; ``--nproc N`` re-runs this command as N ranks.
+
+    Distributed: under torchrun (or ``--nproc``, see ``distributed.launch``) every rank
+    reads the data and trains its share of each batch; only rank 0 writes and prints.
+    State files go to ``OUTPUT.train/`` (``--state-dir``), with the JSONL log
+    (``OUTPUT.train/metrics.jsonl`` unless ``--log-path``) created at the first state save.
+    """
+    from . import distributed
+
+    nproc = getattr(args, "nproc", None) or 1
+    if nproc > 1 and distributed.env_world_size() == 1:
+        batch = getattr(args, "train.batch_size", nproc)
+        if nproc > batch:
+            raise CommandError(f"--nproc {nproc} exceeds --batch-size {batch}: each process "
+                               "needs at least one item of every batch")
+        return distributed.launch(_without_nproc(args.argv), nproc)
+    try:
+        return _meta_train(args)
+    finally:
+        distributed.shutdown()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _meta_train(args) -> int:
+    from . import distributed
     from .allocator import active_allocator
     from .checkpoint import save_checkpoint
     from .pipeline import train_checkpoint
 
     out = Path(args.output)
     modality, options = args.modality_obj, args.options
-    items = _read_items(modality, args.data, options)
+    from .streaming import MAX_VAL_ITEMS, is_lazy, item_labels, subset
+
+    items = _read_items(modality, args.data, options, lazy=True)  # lazy where offered
     val_options = options.validation() if hasattr(options, "validation") else None
     if val_options is not None or args.val_data:
         val = _read_items(modality, args.val_data or args.data,
-                          val_options if val_options is not None else options)
+                          val_options if val_options is not None else options, lazy=True)
         from .modality import Modality
 
         if getattr(type(modality), "item_label", None) is Modality.item_label:
@@ -520,8 +587,9 @@ def cmd_meta_train(args) -> int:
                                  "--data")
             train = items
         else:
-            held = {modality.item_label(v) for v in val}
-            train = [i for i in items if modality.item_label(i) not in held]  # never on val
+            held = set(item_labels(modality, val))  # lazy items: labels from references
+            train = subset(items, [j for j, lab in enumerate(item_labels(modality, items))
+                                   if lab not in held])  # never on val
         if not train:
             raise CommandError(f"{', '.join(map(str, args.data))}: every training item is "
                                "also a validation item")
@@ -529,8 +597,12 @@ def cmd_meta_train(args) -> int:
         order = list(range(len(items)))
         random.Random(args.seed_split).shuffle(order)
         n_val = max(1, round(args.val_fraction * len(items))) if len(items) > 1 else 0
-        val = [items[i] for i in order[:n_val]]
-        train = [items[i] for i in order[n_val:]] or val
+        if is_lazy(items) and n_val > MAX_VAL_ITEMS:  # validation signals stay in memory
+            print(f"validating on {MAX_VAL_ITEMS} items, not {n_val} (--val-fraction of "
+                  "streamed data is capped)", file=sys.stderr)
+            n_val = MAX_VAL_ITEMS
+        val = subset(items, order[:n_val])
+        train = subset(items, order[n_val:]) or val
     from .meta import TrainConfig
     from .methods import MethodConfig
     from .siren import SirenConfig
@@ -538,15 +610,63 @@ def cmd_meta_train(args) -> int:
     siren = config_from_args(args, SirenConfig, "siren")
     method = config_from_args(args, MethodConfig, "method")
     tcfg = config_from_args(args, TrainConfig, "train")
-    print(f"meta-training {method.method} on {len(train)} {modality.name} items ({len(val)} "
-          f"for validation), {siren.depth}×{siren.width} SIREN", file=sys.stderr)
+    tcfg.state_dir = tcfg.state_dir or f"{out}.train"
+    default_log = tcfg.log_path is None
+    if default_log:
+        tcfg.log_path = str(Path(tcfg.state_dir) / "metrics.jsonl")
+    from .atomic import check_output
+    from .trainstate import has_state, state_files
+
+    # state files are written late (first save): refuse an unwritable place now
+    state_dir = Path(tcfg.state_dir)
+    check_output(state_files(state_dir)[0] if state_dir.is_dir() else state_dir,
+                 overwrite=True)
+    if not tcfg.resume and has_state(tcfg.state_dir) and not args.overwrite:
+        raise CommandError(f"{tcfg.state_dir}: holds the training state of an earlier run; "
+                           "pass --resume to continue it or --overwrite to start over")
+    if tcfg.resume:  # refuse before any work (meta_train checks again, with the model)
+        from .meta import fingerprint
+        from .trainstate import check_resumable
+
+        arch = dataclasses.replace(siren, in_dim=modality.in_dim, out_dim=modality.out_dim)
+        n_val = len(val) or max(1, len(train) // 8)  # as meta_train counts it
+        check_resumable(tcfg.state_dir, fingerprint(arch, method, tcfg, len(train), n_val))
+    distributed.init_from_env(tcfg.device)
+    main = distributed.is_main()
+    if main and not tcfg.resume:  # a fresh run: nothing of an earlier one may be resumed
+        for old in (*state_files(tcfg.state_dir), *([tcfg.log_path] if default_log else [])):
+            Path(old).unlink(missing_ok=True)
+    if main:
+        print(f"meta-training {method.method} on {len(train)} {modality.name} items "
+              f"({len(val)} for validation), {siren.depth}×{siren.width} SIREN"
+              + (f", {distributed.world_size()} processes" if distributed.world_size() > 1
+                 else ""), file=sys.stderr)
     info = {"data": [str(p) for p in args.data], "command": " ".join(sys.argv)}
     if options is not None:
         info["options"] = dataclasses.asdict(options)
-    ck = train_checkpoint(modality, train, val, siren, method, tcfg, info=info,
-                          options=options)
+    try:
+        ck = train_checkpoint(modality, train, val, siren, method, tcfg, info=info,
+                              options=options)
+    except Interrupted as sig:  # the saved state is the point of saving it: say so
+        if main and has_state(tcfg.state_dir):
+            sig.kept = f"training state kept in {tcfg.state_dir}; continue with --resume"
+        raise
+    if not main:
+        return 0
     digest = save_checkpoint(ck, out, overwrite=args.overwrite)
-    print(json.dumps({"checkpoint": str(out), "sha256": digest, **ck.info["train"],
+    t = ck.info["train"]
+    where = [f"checkpoint {out}"]
+    if Path(tcfg.log_path).exists():
+        where.append(f"log {tcfg.log_path}")
+    states = [str(p) for p in state_files(tcfg.state_dir) if p.exists()]
+    if states:
+        where.append(f"state {', '.join(states)}")
+    if tcfg.tensorboard_dir:
+        where.append(f"TensorBoard {tcfg.tensorboard_dir}")
+    print(f"meta-training done: best validation loss {t['best_val_loss']:.4g} at step "
+          f"{t['best_step']}, {t['steps_run']} steps, {t['rollbacks']} rollbacks, "
+          f"{t['seconds']:.1f} s; " + "; ".join(where), file=sys.stderr)
+    print(json.dumps({"checkpoint": str(out), "sha256": digest, **t,
                       "allocator": active_allocator()}, indent=2))
     return 0
 
@@ -693,18 +813,85 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_encode(args) -> int:
+    """One input: one stream at ``-o FILE`` (as always). Several inputs, a pattern, or
+    ``--workers``/``--scheduler``: ``-o`` is a folder and each input gets its own stream
+    there (:mod:`mscn_core.archive`); every refusal comes before any encoding."""
+    from .atomic import check_output, save_bytes_atomic
+
+    several = (len(args.files) > 1 or any(map(is_pattern, args.files))
+               or args.workers is not None or args.scheduler is not None)
+    if not several:
+        check_input(args.files[0], folder_ok=True)
+        check_output(args.destination, args.overwrite)
+        if args.summary:
+            check_output(args.summary, args.overwrite)
+        return _encode_one_stream(args)
+    from . import archive
+
+    if args.workers or args.scheduler is not None:
+        archive.require_dask()
+    inputs = expand_paths(args.modality_obj, args.files)
+    for p in inputs:
+        check_input(p, folder_ok=True)
+    destination = Path(args.destination)
+    if args.scheduler is not None:  # its workers may run elsewhere: no relative paths
+        inputs, destination = [p.absolute() for p in inputs], destination.absolute()
+    jobs = archive.plan_jobs(inputs, destination, args.overwrite)
+    if args.summary:
+        check_output(args.summary, args.overwrite)
+    ck, modality = _load(args)
+    local = args.scheduler is None and bool(args.workers)
+    settings = archive.Settings(
+        checkpoint=str(Path(args.checkpoint).absolute()), sha256=ck.sha256,
+        modality=args.modality or ck.modality, options=args.options, bits=args.bits,
+        points_per_step=args.points_per_step, max_abs_error=args.max_abs_error,
+        max_rel_error=args.max_rel_error, refine_steps=args.refine_steps,
+        refine_lr=args.refine_lr, overwrite=args.overwrite,
+        threads=args.threads or (1 if local else None))  # one per single-threaded worker
+    archive.remember(settings, ck, modality)  # a serial run loads it once, here
+    if local:
+        print(f"encoding {len(jobs)} inputs on a local cluster of {args.workers} workers",
+              file=sys.stderr)
+    elif args.scheduler is not None:
+        print(f"encoding {len(jobs)} inputs on the cluster at {args.scheduler}",
+              file=sys.stderr)
+
+    def failed(row: dict) -> None:
+        if "error" in row:
+            print(f"mscn encode: error: {row['error']}", file=sys.stderr)
+
+    try:
+        report = archive.run_jobs(jobs, settings, workers=args.workers or 0,
+                                  scheduler=args.scheduler, on_row=failed)
+    except Interrupted as sig:  # some streams are complete: say which, not "nothing"
+        report = getattr(sig, "summary", None)
+        if report is None:
+            raise
+        print(json.dumps(report, indent=2))
+        whole = report["encoded"] + len(report.get("written_while_stopping", []))
+        print(f"mscn encode: interrupted ({signal.Signals(sig.signum).name}); {whole} of "
+              f"{len(jobs)} streams complete, the others not written", file=sys.stderr)
+        return 128 + sig.signum
+    text = json.dumps(report, indent=2)
+    if args.summary:
+        save_bytes_atomic(text.encode(), args.summary, overwrite=args.overwrite)
+    print(text)
+    return 2 if report["failed"] else 0
+
+
+def _encode_one_stream(args) -> int:
     from .atomic import save_bytes_atomic
     from .pipeline import encode_items
 
     ck, modality = _load(args)
-    items = _read_items(modality, [args.file], args.options)
+    items = _read_items(modality, [args.files[0]], args.options)
     data, rep = encode_items(ck, modality, items, bits=args.bits, options=args.options,
                              points_per_step=args.points_per_step,
                              max_abs_error=args.max_abs_error,
                              max_rel_error=args.max_rel_error,
                              refine_steps=args.refine_steps, refine_lr=args.refine_lr)
-    save_bytes_atomic(data, args.output, overwrite=args.overwrite)
-    out = {"output": args.output, "items": len(items), "bytes": rep.n_bytes,
+    save_bytes_atomic(data, args.destination, overwrite=args.overwrite)
+    out = {"output": args.destination, "items": len(items), "bytes": rep.n_bytes,
            "payload_bytes": rep.payload_bytes, "values": rep.n_values,
            "bits_per_value": rep.bits_per_value,
            "payload_bits_per_value": rep.payload_bits_per_value}
@@ -712,7 +899,10 @@ def cmd_encode(args) -> int:
         out.update(residual_bytes=rep.residual_bytes,
                    error_bound=max(b["bound"] for b in rep.bounds),
                    max_abs_error=max(b["max_abs_error"] for b in rep.bounds))
-    print(json.dumps({**out, "mean": _summary(rep.metrics)}, indent=2))
+    text = json.dumps({**out, "mean": _summary(rep.metrics)}, indent=2)
+    if args.summary:
+        save_bytes_atomic(text.encode(), args.summary, overwrite=args.overwrite)
+    print(text)
     return 0
 
 
@@ -863,6 +1053,9 @@ def resolve_modality(argv: list[str]):
                                        positionals[0] if positionals else None)
         if path is None or (asks_help and not Path(path).exists()):
             return None
+        if is_pattern(path):  # a quoted glob: guess from its first file (or store)
+            found = glob_paths(path)
+            path = next((f for f in found if f.is_file()), found[0])
         check_input(path, folder_ok=True)  # missing or unreadable: say so before guessing
         name = guess_modality(path)
     return get_modality(name)
@@ -949,7 +1142,14 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
 
         add_config_flags(s, SirenConfig, "siren", skip=("in_dim", "out_dim"))
         add_config_flags(s, MethodConfig, "method")
-        add_config_flags(s, TrainConfig, "train")
+        add_config_flags(s, TrainConfig, "train", skip=("resume",))
+    s.add_argument("--resume", action="store_true", dest="train.resume",
+                   help="continue an interrupted run from its state file (OUTPUT.train/"
+                   "state.pt, else state.prev.pt): the same checkpoint as an uninterrupted "
+                   "run; refused if the settings differ")
+    s.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="train on N processes of this machine (torch.distributed: gloo on "
+                   "CPU, nccl on CUDA), same result as one; or launch with torchrun")
     s.set_defaults(func=cmd_meta_train)
 
     def fit_flags(s):
@@ -984,9 +1184,23 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     modality_flags(s)
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("encode", help="compress a file into an .mscn bitstream", epilog=hint)
-    s.add_argument("file")
+    s = sub.add_parser("encode", help="compress a file into an .mscn bitstream (many files: "
+                       "one each, optionally on a dask cluster)", epilog=hint)
+    s.add_argument("files", nargs="+", metavar="FILE",
+                   help="one input: one stream at -o FILE; several (folders, patterns): one "
+                   "stream each, -o names the output folder (DIR/<name>.mscn)")
     s.add_argument("--checkpoint", required=True)
+    scale = s.add_argument_group("many inputs (needs the 'scale' extra for a cluster)")
+    where = scale.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_nonnegative_int, default=None, metavar="N",
+                       help="encode on a dask LocalCluster of N single-threaded worker "
+                       "processes (0: one after the other, here); -o is a folder")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="encode on an existing dask cluster (tcp://HOST:8786); the "
+                       "workers must see the inputs, checkpoint and -o folder at the same "
+                       "paths; -o is a folder")
+    scale.add_argument("--summary", default=None, metavar="FILE.json",
+                       help="also write the JSON summary here")
     s.add_argument("--bits", type=_bits, default=6, help="quantisation bits 2..8 (default 6)")
     bound = s.add_mutually_exclusive_group()
     bound.add_argument("--max-abs-error", type=_positive_float, default=None, metavar="E",
@@ -997,7 +1211,10 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
                        "valid values")
     budget_flag(s)
     refine_flags(s)
-    out_flags(s)
+    # its own dest: a folder is a valid -o here, checked by cmd_encode, not _check_outputs
+    s.add_argument("-o", "--output", required=True, dest="destination", metavar="OUTPUT",
+                   help="output file (several inputs: output folder, which must exist)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     modality_flags(s)
     s.set_defaults(func=cmd_encode)
 

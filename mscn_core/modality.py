@@ -10,8 +10,9 @@ Required: ``name``, ``description``, ``in_dim``, ``out_dim``, :meth:`read`,
 Optional: everything else, including ``view`` (absent = no viewer),
 :meth:`Modality.check_meta` (validate a stream's item metadata before decoding), and
 the capabilities in ``OPTIONAL_CAPABILITIES`` (absent = not offered): ``value_scale``
-(error-bounded encoding), ``output_ulp`` (its margin for the artifact's number format)
-and ``reference_group`` (climatology skill in ``mscn evaluate``).
+(error-bounded encoding), ``output_ulp`` (its margin for the artifact's number format),
+``reference_group`` (climatology skill in ``mscn evaluate``) and ``scan``/``load``
+(lazy reading of large archives, :mod:`mscn_core.streaming`).
 
 Vocabulary
 ----------
@@ -59,7 +60,13 @@ OPTIONAL_METHODS = ("guess_can_open", "fit_state", "state", "load_state", "item_
 #   reference_group(item) -> Hashable | None: items that share a reference (the same
 #     quantity on the same points); ``mscn evaluate`` scores skill against its per-point
 #     mean.
-OPTIONAL_CAPABILITIES = ("value_scale", "output_ulp", "reference_group")
+#   scan(path, options) -> list[ItemRef] and load(ref, options) -> item, together: the
+#     items ``read`` would return, as light references (mscn_core.streaming.ItemRef:
+#     the plugin's ``key`` and the item's ``label``) listed without reading values, and
+#     one item loaded from its reference, equal to ``read``'s. Offered: ``meta-train``
+#     reads only the items a step asks for (bounded memory at any archive size); a bad
+#     selection must fail in ``scan``, before any training.
+OPTIONAL_CAPABILITIES = ("value_scale", "output_ulp", "reference_group", "scan", "load")
 
 
 def masked_mse(pred: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
@@ -98,6 +105,8 @@ class Modality:
     value_scale: ClassVar[Callable[..., float] | None] = None
     output_ulp: ClassVar[Callable[..., float] | None] = None
     reference_group: ClassVar[Callable[..., Any] | None] = None
+    scan: ClassVar[Callable[..., list] | None] = None
+    load: ClassVar[Callable[..., Any] | None] = None
 
     # -- files ------------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
@@ -291,4 +300,6 @@ def contract_problems(obj: Any) -> list[str]:
         member = getattr(obj, cap, None)
         if member is not None and not callable(member):
             problems.append(f"{cap} must be a method or None")
+    if (getattr(obj, "scan", None) is None) != (getattr(obj, "load", None) is None):
+        problems.append("scan and load come together (lazy reading needs both) or not at all")
     return problems

@@ -42,10 +42,16 @@ CLIP_SIGMA = 3.0
 def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[Any],
                      siren: SirenConfig, method: MethodConfig, train: TrainConfig,
                      info: dict | None = None, options: Any = None) -> Checkpoint:
-    """Meta-train on items of a modality and fit the codec: a ready-to-use checkpoint."""
-    modality.fit_state(list(train_items) + list(val_items))
-    tr = [modality.to_signal(i, options) for i in train_items]
-    va = [modality.to_signal(i, options) for i in val_items]
+    """Meta-train on items of a modality and fit the codec: a ready-to-use checkpoint.
+
+    Lazy items (mscn_core.streaming) stay lazy: ``fit_state`` sees a bounded seeded
+    subsample and each step converts only the items it draws."""
+    from .distributed import is_main
+    from .streaming import as_signals, bounded, fit_sample
+
+    modality.fit_state(fit_sample(train_items, val_items))
+    tr = as_signals(modality, train_items, options)
+    va = as_signals(modality, val_items, options)
     siren.in_dim, siren.out_dim = modality.in_dim, modality.out_dim
     rep = build_representation(siren, method, torch.Generator().manual_seed(train.seed))
     result = meta_train(rep, tr, va, train, modality)
@@ -54,8 +60,8 @@ def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[A
     ck = Checkpoint(rep, modality.name, modality.state(),
                     info={"train": summary, "train_config": asdict(train),
                           "n_train": len(tr), "n_val": len(va), **(info or {})})
-    if rep.meta_learned:
-        fit_codec(ck, modality, tr)
+    if rep.meta_learned and is_main():  # the codec: rank 0 only, on a bounded sample
+        fit_codec(ck, modality, bounded(tr))
     return ck
 
 

@@ -64,6 +64,11 @@ C18 ``capabilities``   when offered: ``value_scale(meta)`` is a finite float > 0
                        signal's points (what an error-bounded stream needs),
                        ``output_ulp(meta)`` a finite float >= 0, ``reference_group(item)``
                        hashable or None.
+C19 ``scan``/``load``  when offered (both or neither, C1): on the saved file of C13,
+                       ``scan`` lists as many references as ``read`` gives items, each
+                       with a str ``label``; ``load`` of the first gives the item ``read``
+                       gives (same ``item_label``, equal to the reference's, and the same
+                       signal: targets and meta). Severity as C14.
 
 A clause that cannot run because an earlier one gave nothing to work on (no signals, no
 artifact) is reported as a *warning* saying so; warnings never make
@@ -98,7 +103,7 @@ CLAUSES: dict[str, str] = {
     "sample": "C5", "render": "C6", "objective": "C7", "n_values": "C8", "metrics": "C9",
     "item_template": "C10", "item_label": "C11", "reconstruct": "C12", "save": "C13",
     "read": "C14", "state": "C15", "view": "C16", "check_meta": "C17",
-    "capabilities": "C18",
+    "capabilities": "C18", "streaming": "C19",
 }
 
 _PROBE_POINTS = 64  # samples per item in the probe batch
@@ -498,6 +503,9 @@ def check_modality(modality: Any, items: Sequence[Any], *, tmp_dir: str | os.Pat
             c.require(isinstance(s, Signal), "to_signal of the read-back item gave "
                       f"{type(s).__name__}")
             read_back = back[0]
+        if callable(getattr(m, "scan", None)) and callable(getattr(m, "load", None)):
+            with rec.clause("streaming", "error" if claims else "warning") as c:
+                _check_streaming(c, m, out, back if read_back is not None else None, opts)
 
     # C15 state -------------------------------------------------------------------------
     with rec.clause("state") as c:
@@ -568,6 +576,30 @@ def _check_capabilities(c: _Clause, m: Any, s: Signal, template: Any, predict: A
             except TypeError:
                 c.require(False, f"reference_group(item) must be hashable or None, got "
                           f"{type(g).__name__}")
+
+
+def _check_streaming(c: _Clause, m: Any, path: Path, items: Sequence[Any] | None,
+                     opts: Any) -> None:
+    """C19: the lazy reader lists and loads what the eager ``read`` gives."""
+    refs = list(m.scan(path, opts))
+    c.require(all(isinstance(getattr(r, "label", None), str) for r in refs),
+              "scan must return references with a str label (mscn_core.streaming.ItemRef)")
+    if items is None:
+        return
+    c.require(len(refs) == len(items), f"scan listed {len(refs)} references, read gave "
+              f"{len(items)} items")
+    if not refs:
+        return
+    item = m.load(refs[0], opts)
+    label = m.item_label(item)
+    c.require(label == refs[0].label == m.item_label(items[0]),
+              f"labels differ: reference {refs[0].label!r}, loaded {label!r}, read "
+              f"{m.item_label(items[0])!r}")
+    lazy, eager = m.to_signal(item, opts), m.to_signal(items[0], opts)
+    c.require(torch.equal(lazy.targets, eager.targets) and
+              json.dumps(lazy.meta, sort_keys=True, default=str)
+              == json.dumps(eager.meta, sort_keys=True, default=str),
+              "load(scan()[0]) gives another signal than read()[0] (targets or meta)")
 
 
 def _check_signal(c: _Clause, m: Any, s: Signal, i: int) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from mscn_core import limits
 from mscn_core.modality import Modality, PredictFn
 from mscn_core.signals import Signal
+from mscn_core.streaming import ItemRef
 
 if TYPE_CHECKING:  # torch loads where it is used: listing plugins must not cost its ~1 s
     from torch import Tensor
@@ -527,6 +528,7 @@ def _is_time_like(name: str, coord: xr.DataArray) -> bool:
             or name.lower() in _ENSEMBLE_NAMES)
 
 
+OPEN_FILES = 16  # files ``load`` keeps open (metadata only; fields of a file come together)
 NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
 
 
@@ -545,6 +547,7 @@ class SphereModality(Modality):
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
         self._grid_checked: tuple[dict, Any] | None = None  # see check_meta
         self._warned: set[str] = set()  # variables already reported as unknown
+        self._open: dict[str, xr.Dataset] = {}  # load(): files kept open, oldest first
 
     # -- reading ----------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
@@ -580,6 +583,38 @@ class SphereModality(Modality):
         if sel is not None and not isinstance(sel, dict):
             sel = climate.parse_sel(list(sel))
         return climate.field_items([path], var=var, sel=sel, sel_method=opts.sel_method)
+
+    def _selection(self, options: SphereOptions | None) -> tuple[Any, Any, str]:
+        opts = _options(options)
+        var = opts.var[0] if len(opts.var) == 1 else (opts.var or None)
+        sel = climate.parse_sel(list(opts.sel)) if opts.sel else None
+        return var, sel, opts.sel_method
+
+    def scan(self, path: str | os.PathLike, options: SphereOptions | None = None
+             ) -> list[ItemRef]:
+        """References to the fields ``read`` returns, from coordinates only.
+
+        One file or store at a time, opened lazily (not ``open_mfdataset``): every item
+        then keeps its own file's attributes, encoding and time decoding exactly as
+        ``read`` gives them, files of different variables, grids or calendars need not
+        combine, and nothing that grows with the archive (a dask graph over every file)
+        is held; a zarr store is one source whose chunks are read per field.
+        """
+        var, sel, method = self._selection(options)
+        return [ItemRef((*key, sel, method), label) for key, label in
+                climate.scan_fields(path, self.item_label, var=var, sel=sel, sel_method=method)]
+
+    def load(self, ref: ItemRef, options: SphereOptions | None = None) -> xr.DataArray:
+        """The field behind ``ref`` (only its values are read); the last few files stay
+        open, so the fields of one file do not reopen it."""
+        path, name, n, sel, method = ref.key
+        ds = self._open.pop(path, None)
+        if ds is None:
+            ds = climate.open_climate(path)
+        self._open[path] = ds  # most recent last
+        while len(self._open) > OPEN_FILES:
+            self._open.pop(next(iter(self._open))).close()
+        return climate.load_field(ds, path, name, n, sel=sel, sel_method=method)
 
     def item_label(self, item: xr.DataArray) -> str:
         """Variable, scalar coordinates (time, member, level) and shape."""
