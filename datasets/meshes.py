@@ -53,8 +53,9 @@ __all__ = [
     "Shape", "ambiguous_fraction", "check_inside_test", "grid_points", "is_shape_file",
     "load_mesh", "load_split",
     "marching_cubes", "normalise", "occupancy", "read_binvox", "read_shapes",
-    "read_voxels_hdf5", "sdf_samples", "signed_distance", "surface_points", "vendored_mesh",
-    "voxelize", "winding_number", "write_binvox", "write_voxels_hdf5",
+    "read_voxels_hdf5", "rotated_copy", "rotated_name", "sdf_samples", "shape_file_kind",
+    "signed_distance", "surface_points", "vendored_mesh", "voxelize", "voxels_hdf5_count",
+    "winding_number", "write_binvox", "write_voxels_hdf5",
 ]
 
 MESH_EXTENSIONS: tuple[str, ...] = (".obj", ".ply", ".off", ".stl", ".glb", ".gltf")
@@ -301,6 +302,49 @@ def read_shapes(path, max_faces: int | None = 500_000) -> list[Shape]:
     mesh, frame = normalise(load_mesh(path, max_faces=max_faces))
     return [Shape(name=path.stem, source=str(path), frame=frame, mesh=mesh,
                   occupancy=None, watertight=bool(mesh.is_watertight))]
+
+
+def shape_file_kind(path) -> str:
+    """How :func:`read_shapes` reads ``path``: ``"binvox"``, ``"hdf5"`` or ``"mesh"``, from
+    its first bytes only (lazy listing must not parse meshes). The same errors as
+    :func:`read_shapes` for a folder, a missing file or a voxel extension on other content."""
+    path = Path(path)
+    if path.is_dir():
+        raise MeshDataError(f"{path.name}: is a directory; pass the shape files inside it")
+    if not path.is_file():
+        raise MeshDataError(f"{path.name}: no such file ({path})")
+    kind = _sniff(path)
+    if kind != "other":
+        return kind
+    if path.suffix.lower() in (".binvox", ".h5", ".hdf5"):
+        raise MeshDataError(f"{path.name}: extension says {path.suffix} but the content is "
+                            "neither binvox nor HDF5")
+    return "mesh"
+
+
+def voxels_hdf5_count(path) -> int:
+    """Grids in an IM-NET HDF5 file, from the ``voxels`` dataset's shape alone (no grid
+    read), with :func:`read_voxels_hdf5`'s checks: lazy listing of ``stem#i`` items."""
+    import h5py
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise MeshDataError(f"{path.name}: not a readable HDF5 file ({_one_line(exc)})") from exc
+    with f:
+        ds = f.get("voxels")
+        if not isinstance(ds, h5py.Dataset):
+            raise MeshDataError(f"{path.name}: HDF5 file has no 'voxels' dataset (keys: "
+                                f"{sorted(f.keys())}); expected IM-NET layout voxels "
+                                "(N,R,R,R[,1])")
+        shp = ds.shape
+    if len(shp) == 5 and shp[-1] == 1:
+        shp = shp[:4]
+    if len(shp) != 4 or len(set(shp[1:])) != 1:
+        raise MeshDataError(f"{path.name}: 'voxels' has shape {ds.shape}; expected "
+                            "(N,R,R,R) or (N,R,R,R,1)")
+    return int(shp[0])
 
 
 # --------------------------------------------------------------------------- voxels
@@ -645,6 +689,25 @@ def rotated_copies(shape: Shape, n: int, seed: int = 0) -> list[Shape]:
         out.append(Shape(f"{shape.name}@rot{k}", shape.source, frame, unit, None,
                          bool(unit.is_watertight)))
     return out
+
+
+def rotated_name(name: str, k: int) -> str:
+    """The name :func:`rotated_copies` gives copy ``k`` of ``name`` (lazy listing)."""
+    return f"{name}@rot{k}"
+
+
+def rotated_copy(shape: Shape, k: int, seed: int = 0) -> Shape:
+    """Copy ``k`` of :func:`rotated_copies` alone (identical to it): the generator is
+    advanced past the ``k`` earlier rotations (3 uniforms each) instead of computing them,
+    so a lazily loaded copy costs one rotation."""
+    rng = np.random.default_rng(seed)
+    for _ in range(k):
+        rng.random(3)
+    m = shape.original_mesh()
+    m.apply_transform(trimesh.transformations.random_rotation_matrix(rng.random(3)))
+    unit, frame = normalise(m)
+    return Shape(rotated_name(shape.name, k), shape.source, frame, unit, None,
+                 bool(unit.is_watertight))
 
 
 def save_meshes(shapes: list[Shape], path, overwrite: bool = False,

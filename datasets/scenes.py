@@ -692,3 +692,36 @@ def read_scenes(path: str | os.PathLike, size: int | None = None) -> list[Scene]
         raise SceneDataError(f"{p}: neither an SRN scene (intrinsics.txt, rgb/, pose/), a "
                              f"transforms.json scene nor a folder of scenes{hint}")
     return [s for d in dirs for s in read_scenes(d, size)]
+
+
+def transforms_name(path: str | os.PathLike) -> str:
+    """The scene name :func:`read_transforms` gives the file at ``path`` (a folder: its
+    ``transforms.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "transforms.json"
+    return path.parent.name if path.stem == "transforms" else f"{path.parent.name}_{path.stem}"
+
+
+def scene_sources(path: str | os.PathLike) -> list[tuple[str, str, Path]]:
+    """``(kind, name, where)`` of every scene :func:`read_scenes` reads at ``path``, in its
+    order, without reading a view (lazy listing): kind ``"srn"`` (``where``: the folder,
+    for :func:`read_srn`) or ``"transforms"`` (the JSON file, for :func:`read_transforms`).
+    The same rules and errors as :func:`read_scenes` for what is not a scene."""
+    p = Path(path)
+    if p.is_file():
+        if p.name == "intrinsics.txt":
+            return [("srn", p.parent.name, p.parent)]
+        if p.suffix == ".json":
+            return [("transforms", transforms_name(p), p)]
+        raise SceneDataError(f"{p}: not a scene file (intrinsics.txt or transforms.json)")
+    if not p.is_dir():
+        raise SceneDataError(f"{p}: no such scene")
+    if _is_transforms_dir(p):
+        return [("transforms", transforms_name(p), p / "transforms.json")]
+    if _is_srn_dir(p):
+        return [("srn", p.name, p)]
+    dirs = scene_dirs(p)
+    if not dirs:
+        read_scenes(p)  # raises read_scenes' own message (nothing is decoded on this path)
+    return [s for d in dirs for s in scene_sources(d)]

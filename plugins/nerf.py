@@ -38,6 +38,7 @@ import numpy as np
 from mscn_core import limits
 from mscn_core.modality import Field, Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Signal
+from mscn_core.streaming import ItemRef
 from mscn_datasets import scenes
 from mscn_datasets.scenes import Intrinsics, Scene, SceneDataError
 
@@ -87,6 +88,14 @@ class NerfOptions:
 
 def _opts(options: NerfOptions | None) -> NerfOptions:
     return options if options is not None else NerfOptions()
+
+
+def _size(options: NerfOptions | None) -> int | None:
+    """``options.size``, checked (read, scan and load alike)."""
+    size = _opts(options).size
+    if size is not None and not 1 <= size <= scenes.MAX_SIDE:
+        raise ValueError(f"--size must be 1..{scenes.MAX_SIDE}, got {size}")
+    return size
 
 
 @dataclass
@@ -205,10 +214,22 @@ class NerfModality(Modality):
 
     def read(self, path: str | os.PathLike, options: NerfOptions | None = None
              ) -> list[Scene]:
-        size = _opts(options).size
-        if size is not None and not 1 <= size <= scenes.MAX_SIDE:
-            raise ValueError(f"--size must be 1..{scenes.MAX_SIDE}, got {size}")
-        return scenes.read_scenes(path, size=size)
+        return scenes.read_scenes(path, size=_size(options))
+
+    def scan(self, path: str | os.PathLike, options: NerfOptions | None = None
+             ) -> list[ItemRef]:
+        """References to :meth:`read`'s scenes (a scene folder, its intrinsics.txt or
+        transforms*.json, or a folder of scene folders), named from their paths: no
+        image or pose is read. A broken scene is found when it is loaded."""
+        _size(options)  # a bad --size fails here, before any training
+        return [ItemRef((kind, str(where)), name)
+                for kind, name, where in scenes.scene_sources(path)]
+
+    def load(self, ref: ItemRef, options: NerfOptions | None = None) -> Scene:
+        """One scene of :meth:`scan`, as :meth:`read` gives it."""
+        kind, where = ref.key
+        read = scenes.read_srn if kind == "srn" else scenes.read_transforms
+        return read(where, size=_size(options))
 
     def item_label(self, item: Scene) -> str:
         return item.name

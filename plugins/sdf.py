@@ -31,6 +31,7 @@ import numpy as np
 from mscn_core import limits
 from mscn_core.modality import Field, Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Batch, Signal
+from mscn_core.streaming import ItemRef
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +91,13 @@ class ShapeSignal(Signal):
     truth: Any = None
 
 
+def _no_surface(path: str | os.PathLike) -> Exception:
+    from mscn_datasets import meshes
+
+    return meshes.MeshDataError(f"{path}: a voxel grid has no surface to take signed "
+                                "distances from; use --modality voxel")
+
+
 def read_shapes(path: str | os.PathLike, max_faces: int, rotations: int) -> list[meshes.Shape]:
     """Meshes of a file (plus rotated copies); grids without a mesh are refused here."""
     from mscn_datasets import meshes
@@ -97,8 +105,7 @@ def read_shapes(path: str | os.PathLike, max_faces: int, rotations: int) -> list
     shapes = meshes.read_shapes(path, max_faces=max_faces)
     for s in shapes:
         if s.mesh is None:
-            raise meshes.MeshDataError(f"{path}: a voxel grid has no surface to take signed "
-                                       "distances from; use --modality voxel")
+            raise _no_surface(path)
     if rotations:
         shapes = shapes + [r for s in shapes for r in meshes.rotated_copies(s, rotations)]
     return shapes
@@ -130,6 +137,37 @@ class SdfModality(Modality):
             if not s.watertight:  # robust signs or a clear refusal, never silent flips
                 meshes.check_inside_test(s.mesh, str(path))
         return shapes
+
+    def scan(self, path: str | os.PathLike, options: SdfOptions | None = None
+             ) -> list[ItemRef]:
+        """References to :meth:`read`'s items from the file name alone: the mesh (its
+        stem) and its ``rotations`` copies (``stem@rotK``), in ``read``'s order. Nothing
+        is parsed (a GLB/glTF scene flattens to one mesh, so every mesh file is one
+        item); voxel files are refused from their first bytes. A mesh that cannot be
+        read or is refused is found when its item is loaded."""
+        from mscn_datasets import meshes
+
+        o = _opts(options)
+        if meshes.shape_file_kind(path) != "mesh":
+            raise _no_surface(path)
+        stem, key = Path(path).stem, str(path)
+        return [ItemRef((key, None), stem)] + [
+            ItemRef((key, k), meshes.rotated_name(stem, k)) for k in range(o.rotations)]
+
+    def load(self, ref: ItemRef, options: SdfOptions | None = None) -> meshes.Shape:
+        """One item of :meth:`scan`, as :meth:`read` gives it. A rotated copy is computed
+        alone; the original's inside test runs too, since ``read`` refuses the whole file
+        when the original fails it."""
+        from mscn_datasets import meshes
+
+        o = _opts(options)
+        path, k = ref.key
+        shape = read_shapes(path, o.max_faces, 0)[0]  # a mesh file holds one shape
+        todo = [shape] if k is None else [shape, meshes.rotated_copy(shape, k)]
+        for s in todo:
+            if not s.watertight:
+                meshes.check_inside_test(s.mesh, str(path))
+        return todo[-1]
 
     def item_label(self, item: meshes.Shape) -> str:
         return item.name

@@ -26,6 +26,7 @@ import numpy as np
 from mscn_core import limits
 from mscn_core.modality import Modality, PredictFn, checkpoint_settings
 from mscn_core.signals import Batch, Signal
+from mscn_core.streaming import ItemRef
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +84,74 @@ def read_npz(path: str | os.PathLike) -> list[meshes.Shape]:
             for o, n, f in zip(occ, info["names"], info["frames"], strict=True)]
 
 
+def _array_header(f) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran order, dtype) of a .npy stream, leaving it at the first value."""
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    return read(f)
+
+
+def _npz_header(path: str | os.PathLike) -> tuple[list, list, tuple, bool]:
+    """Names, frames, occupancy shape and whether the occupancy is stored as a plain
+    C-order array, read from an mscn .npz without its grids (lazy listing)."""
+    import zipfile
+
+    from mscn_datasets import meshes
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            with z.open("info.npy") as f:
+                info = json.loads(bytes(np.lib.format.read_array(f, allow_pickle=False))
+                                  .decode())
+            with z.open("occupancy.npy") as f:
+                shape, fortran, dtype = _array_header(f)
+        names, frames = list(info["names"]), list(info["frames"])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise meshes.MeshDataError(f"{path}: not an mscn voxel .npz ({err})") from None
+    if len(shape) != 4 or len(set(shape[1:])) != 1:
+        raise meshes.MeshDataError(f"{path}: occupancy must be (N, R, R, R), got {shape}")
+    if not len(names) == len(frames) == shape[0]:
+        raise meshes.MeshDataError(f"{path}: {shape[0]} grids but {len(names)} names and "
+                                   f"{len(frames)} frames")
+    return names, frames, tuple(shape), not fortran and not dtype.hasobject
+
+
+def _npz_item(path: str | os.PathLike, i: int) -> meshes.Shape:
+    """Grid ``i`` of an mscn .npz as :func:`read_npz` gives it, decompressing the archive
+    only up to that grid (not holding the others)."""
+    import zipfile
+
+    from mscn_datasets import meshes
+
+    names, frames, shape, plain = _npz_header(path)
+    if not plain:  # not a layout to slice: the whole archive, once
+        return read_npz(path)[i]
+    with zipfile.ZipFile(path) as z, z.open("occupancy.npy") as f:
+        dtype = _array_header(f)[2]
+        n = int(np.prod(shape[1:])) * dtype.itemsize
+        f.seek(f.tell() + i * n)
+        raw = f.read(n)
+    occ = np.frombuffer(raw, dtype=dtype).reshape(shape[1:]).astype(bool)
+    return meshes.Shape(name=names[i], source=str(path), frame=meshes.Frame.from_dict(frames[i]),
+                        mesh=None, occupancy=occ, watertight=False)
+
+
+def _hdf5_item(path: str | os.PathLike, i: int) -> meshes.Shape:
+    """Grid ``i`` of an IM-NET HDF5 file as :func:`meshes.read_voxels_hdf5` gives it."""
+    import h5py
+
+    from mscn_datasets import meshes
+
+    meshes.voxels_hdf5_count(path)  # its checks, as read gives them
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        ds = f["voxels"]
+        grid = np.asarray(ds[i]).reshape(ds.shape[1:4]) > 0
+    return meshes.Shape(name=f"{path.stem}#{i}", source=str(path), frame=meshes.Frame.identity(),
+                        mesh=None, occupancy=np.ascontiguousarray(grid), watertight=False)
+
+
 class VoxelModality(Modality):
     name = "voxel"
     description = "occupancy grids (binvox, IM-NET HDF5, or any mesh voxelised), 64³"
@@ -129,6 +198,54 @@ class VoxelModality(Modality):
                                  meshes.voxelize(s.mesh, o.resolution), s.watertight)
             out.append(s)
         return out
+
+    def scan(self, path: str | os.PathLike, options: VoxelOptions | None = None
+             ) -> list[ItemRef]:
+        """References to :meth:`read`'s items, in its order, without reading a grid or
+        parsing a mesh: an HDF5 file's ``stem#i`` from its dataset's shape, an .npz's
+        names from its small ``info`` member and its grids' header, a binvox's or mesh's
+        stem (and a mesh's ``rotations`` copies, ``stem@rotK``). A mesh that cannot be
+        read or is refused is found when its item is loaded."""
+        from mscn_datasets import meshes
+
+        o = _opts(options)
+        key, stem = str(path), Path(path).stem
+        if Path(path).suffix.lower() == ".npz":
+            names = _npz_header(path)[0]
+            return [ItemRef(("npz", key, i), str(n)) for i, n in enumerate(names)]
+        kind = meshes.shape_file_kind(path)
+        if kind == "hdf5":
+            return [ItemRef(("hdf5", key, i), f"{stem}#{i}")
+                    for i in range(meshes.voxels_hdf5_count(path))]
+        if kind == "binvox":
+            return [ItemRef(("binvox", key, None), stem)]
+        return [ItemRef(("mesh", key, None), stem)] + [
+            ItemRef(("mesh", key, k), meshes.rotated_name(stem, k)) for k in range(o.rotations)]
+
+    def load(self, ref: ItemRef, options: VoxelOptions | None = None) -> meshes.Shape:
+        """One item of :meth:`scan`, as :meth:`read` gives it: one grid of an .npz or
+        HDF5 file, or a mesh (a rotated copy computed alone) voxelised after the same
+        inside test (the original's too: ``read`` refuses the file when it fails)."""
+        from mscn_datasets import meshes
+
+        o = _opts(options)
+        kind, path, k = ref.key
+        if kind == "npz":
+            return _npz_item(path, k)
+        if kind == "hdf5":
+            return _hdf5_item(path, k)
+        if kind == "binvox":
+            return meshes.read_binvox(path)
+        shape = meshes.read_shapes(path, max_faces=o.max_faces)[0]
+        todo = [shape] if k is None else [shape, meshes.rotated_copy(shape, k)]
+        for s in todo:
+            if s.mesh is not None and not s.watertight:
+                meshes.check_inside_test(s.mesh, str(path))
+        s = todo[-1]
+        if s.occupancy is not None:  # the file turned out to hold a grid
+            return s
+        return meshes.Shape(s.name, s.source, s.frame, s.mesh,
+                            meshes.voxelize(s.mesh, o.resolution), s.watertight)
 
     def item_label(self, item: meshes.Shape) -> str:
         return item.name
