@@ -33,6 +33,7 @@ Measured choices (2-core CPU, this machine; bench/sdf_truth.py has the details):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -322,12 +323,12 @@ def shape_file_kind(path) -> str:
     return "mesh"
 
 
-def voxels_hdf5_count(path) -> int:
-    """Grids in an IM-NET HDF5 file, from the ``voxels`` dataset's shape alone (no grid
-    read), with :func:`read_voxels_hdf5`'s checks: lazy listing of ``stem#i`` items."""
+@contextlib.contextmanager
+def _voxels_dataset(path: Path):
+    """The open ``voxels`` dataset of an IM-NET HDF5 file and its (N,R,R,R) shape, checked
+    (one place for the listing and the reading)."""
     import h5py
 
-    path = Path(path)
     try:
         f = h5py.File(path, "r")
     except Exception as exc:
@@ -339,12 +340,19 @@ def voxels_hdf5_count(path) -> int:
                                 f"{sorted(f.keys())}); expected IM-NET layout voxels "
                                 "(N,R,R,R[,1])")
         shp = ds.shape
-    if len(shp) == 5 and shp[-1] == 1:
-        shp = shp[:4]
-    if len(shp) != 4 or len(set(shp[1:])) != 1:
-        raise MeshDataError(f"{path.name}: 'voxels' has shape {ds.shape}; expected "
-                            "(N,R,R,R) or (N,R,R,R,1)")
-    return int(shp[0])
+        if len(shp) == 5 and shp[-1] == 1:
+            shp = shp[:4]
+        if len(shp) != 4 or len(set(shp[1:])) != 1:
+            raise MeshDataError(f"{path.name}: 'voxels' has shape {ds.shape}; expected "
+                                "(N,R,R,R) or (N,R,R,R,1)")
+        yield ds, tuple(shp)
+
+
+def voxels_hdf5_count(path) -> int:
+    """Grids in an IM-NET HDF5 file, from the ``voxels`` dataset's shape alone (no grid
+    read), with :func:`read_voxels_hdf5`'s checks: lazy listing of ``stem#i`` items."""
+    with _voxels_dataset(Path(path)) as (_, shp):
+        return int(shp[0])
 
 
 # --------------------------------------------------------------------------- voxels
@@ -408,25 +416,8 @@ def read_voxels_hdf5(path) -> list[Shape]:
     The grids carry no frame, so each shape's frame is the identity (the unit cube is their
     frame). Memory: N·R³ bytes (64³ grids: 262 kB a shape).
     """
-    import h5py
-
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except Exception as exc:
-        raise MeshDataError(f"{path.name}: not a readable HDF5 file ({_one_line(exc)})") from exc
-    with f:
-        ds = f.get("voxels")
-        if not isinstance(ds, h5py.Dataset):
-            raise MeshDataError(f"{path.name}: HDF5 file has no 'voxels' dataset (keys: "
-                                f"{sorted(f.keys())}); expected IM-NET layout voxels "
-                                "(N,R,R,R[,1])")
-        shp = ds.shape
-        if len(shp) == 5 and shp[-1] == 1:
-            shp = shp[:4]
-        if len(shp) != 4 or len(set(shp[1:])) != 1:
-            raise MeshDataError(f"{path.name}: 'voxels' has shape {ds.shape}; expected "
-                                "(N,R,R,R) or (N,R,R,R,1)")
+    with _voxels_dataset(path) as (ds, shp):
         shapes = []
         for i0 in range(0, shp[0], 256):
             block = np.asarray(ds[i0:i0 + 256]).reshape((-1,) + tuple(shp[1:])) > 0
