@@ -96,6 +96,11 @@ def item_batches(modality, signals: Sequence[Signal], points_per_step: int | Non
     return jobs
 
 
+# Batches of items held at once by adapt_codes: streamed items (mscn_core.streaming) are
+# loaded one window at a time, so the codec fit's memory does not grow with the archive.
+ADAPT_WINDOW = 4
+
+
 def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int | None = None,
                 max_batch: int = 16, points_per_step: int | None = None,
                 seed: int = 0, desc: str = "adapt") -> Tensor:
@@ -106,17 +111,19 @@ def adapt_codes(ck: Checkpoint, modality, signals: Sequence[Signal], steps: int 
     step (seeded, so encoding is reproducible), so memory stays bounded at any size.
     """
     out: list[Tensor | None] = [None] * len(signals)
-    jobs = [(idx, batch if draw is None else draw(), draw)
-            for idx, batch, draw in item_batches(modality, signals, points_per_step,
-                                                 max_batch, seed)]
+    window = ADAPT_WINDOW * max_batch
     with progress(len(signals), desc) as bar:
-        for idx, batch, resample in jobs:
-            state, _ = adapt(ck.rep, batch, modality, steps=steps, resample=resample)
-            with torch.no_grad():
-                codes = ck.rep.code_values({k: v.detach() for k, v in state.items()})
-            for j, i in enumerate(idx):
-                out[i] = codes[j]
-            bar.update(len(idx))
+        for start in range(0, len(signals), window):
+            part = [signals[i] for i in range(start, min(start + window, len(signals)))]
+            for idx, batch, draw in item_batches(modality, part, points_per_step, max_batch,
+                                                 seed):
+                batch = batch if draw is None else draw()
+                state, _ = adapt(ck.rep, batch, modality, steps=steps, resample=draw)
+                with torch.no_grad():
+                    codes = ck.rep.code_values({k: v.detach() for k, v in state.items()})
+                for j, i in enumerate(idx):
+                    out[start + i] = codes[j]
+                bar.update(len(idx))
     return torch.stack(out)  # type: ignore[arg-type]
 
 
