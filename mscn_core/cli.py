@@ -723,11 +723,38 @@ def _from_scratch(args, modality, items):
     return ck
 
 
+def _stream_modality(path: str) -> str:
+    """The modality a stream names in its header (checked, so a damaged stream is
+    reported as such here, not as an unknown modality)."""
+    from .bitstream import read_bitstream
+
+    with _about(path):
+        return read_bitstream(Path(path).read_bytes()).modality
+
+
+def _stream_checkpoint(path: str) -> Path:
+    """The checkpoint a stream names, by its sha256, in the catalog's folders (the ones
+    plugins ship, then ``MSCN_CHECKPOINTS``): ``decode`` needs no ``--checkpoint``."""
+    from .bitstream import read_bitstream
+    from .catalog import find_checkpoint
+
+    with _about(path):
+        digest = read_bitstream(Path(path).read_bytes()).checkpoint_hash
+    try:
+        return find_checkpoint(digest)
+    except FileNotFoundError as err:
+        raise CommandError(f"{path}: {err}; or pass --checkpoint") from None
+
+
 def _load(args):
     from .checkpoint import load_checkpoint
 
     if args.checkpoint is None and args.command == "fit":
         return None, args.modality_obj
+    if args.checkpoint is None and args.command == "decode":
+        args.checkpoint = str(_stream_checkpoint(args.file))
+        print(f"using {args.checkpoint} (the stream's checkpoint, found by its sha256)",
+              file=sys.stderr)
     if args.checkpoint is None:
         raise ValueError("--checkpoint is required")
     ck = load_checkpoint(args.checkpoint)
@@ -1057,7 +1084,7 @@ def resolve_modality(argv: list[str]):
             found = glob_paths(path)
             path = next((f for f in found if f.is_file()), found[0])
         check_input(path, folder_ok=True)  # missing or unreadable: say so before guessing
-        name = guess_modality(path)
+        name = _stream_modality(path) if command == "decode" else guess_modality(path)
     return get_modality(name)
 
 
@@ -1221,7 +1248,10 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s = sub.add_parser("decode", help="rebuild the artifacts from an .mscn file",
                        epilog=hint)
     s.add_argument("file")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", default=None,
+                   help="the checkpoint the stream was encoded with (default: found by the "
+                   "sha256 the stream names, among the checkpoints plugins ship and the "
+                   "folders in MSCN_CHECKPOINTS)")
     out_flags(s)
     modality_flags(s)
     s.set_defaults(func=cmd_decode)
