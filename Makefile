@@ -8,6 +8,11 @@ OUT   := out/demo
 # Held-out ERA5 members (never seen in training, see plugins/checkpoints/README.md)
 HELD  := --var t --sel isobaricInhPa=850 --sel number=8,9
 
+# Held out from the general climate checkpoint (plugins/checkpoints/README.md): a Gaussian-grid
+# model's 300 hPa wind and an ocean model's curvilinear SST
+GAUSS := datasets/data/t42_gaussian_uv300_U.nc
+CURVI := datasets/data/mpiom_tos_curvilinear_crop.nc
+
 # Held-out mesh (never in training or validation, see datasets/data/meshes/split.json)
 MESH  := datasets/data/meshes/bunny00.ply
 SDF   := plugins/checkpoints/shapes_sdf.safetensors
@@ -17,7 +22,7 @@ VOX   := plugins/checkpoints/shapes_voxel.safetensors
 SCENE := datasets/data/scenes/test/jeep1
 NERF  := plugins/checkpoints/nerf_scenes.safetensors
 
-.PHONY: test demo setup checkpoint shape-checkpoints nerf-checkpoint fuzz clean
+.PHONY: test demo setup checkpoint climate-checkpoint shape-checkpoints nerf-checkpoint fuzz clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	./scripts/setup.sh
@@ -42,6 +47,12 @@ demo: $(STAMP)
 	$(BIN)/mscn decode $(OUT)/t850.mscn --checkpoint $(CKPT) -o $(OUT)/t850_decoded.nc --overwrite
 	$(BIN)/mscn view globe $(DATA) $(OUT)/t850_decoded.nc $(HELD) --index 0 -o $(OUT)/t850_globe.png --overwrite
 	$(BIN)/mscn view globe $(DATA) $(OUT)/t850_recon_1deg.nc $(HELD) --index 0 -o $(OUT)/t850_globe_1deg.png --overwrite
+	# no --checkpoint: the general climate checkpoint, on held-out files of other variables and grids
+	$(BIN)/mscn fit $(GAUSS) -o $(OUT)/u300_recon.nc --overwrite
+	$(BIN)/mscn view globe $(GAUSS) $(OUT)/u300_recon.nc -o $(OUT)/u300_globe.png --overwrite
+	$(BIN)/mscn encode $(CURVI) -o $(OUT)/tos.mscn --overwrite
+	$(BIN)/mscn decode $(OUT)/tos.mscn -o $(OUT)/tos_decoded.nc --overwrite
+	$(BIN)/mscn view globe $(CURVI) $(OUT)/tos_decoded.nc -o $(OUT)/tos_globe.png --overwrite
 	$(BIN)/mscn fit $(MESH) --checkpoint $(SDF) -o $(OUT)/bunny_sdf.obj --overwrite
 	$(BIN)/mscn encode $(MESH) --modality sdf --checkpoint $(SDF) -o $(OUT)/bunny.mscn --overwrite
 	$(BIN)/mscn decode $(OUT)/bunny.mscn --checkpoint $(SDF) -o $(OUT)/bunny_decoded.glb --overwrite
@@ -58,6 +69,11 @@ demo: $(STAMP)
 # Rebuilds the shipped checkpoint from the vendored data (about 10 minutes on 2 cores).
 checkpoint: $(STAMP)
 	$(BIN)/python plugins/checkpoints/build_era5_t850.py
+
+# Rebuilds the general climate checkpoint (any variable, level, date; per-field scaling)
+# from datasets/data/climate_general (about 15 minutes on 2 quiet cores).
+climate-checkpoint: $(STAMP)
+	$(BIN)/python plugins/checkpoints/build_climate_general.py
 
 # Rebuilds the shipped SDF and voxel checkpoints from the vendored meshes (CPU).
 shape-checkpoints: $(STAMP)

@@ -17,6 +17,10 @@ For every field (never in the shipped checkpoint's training set), in one run:
   at those budgets, which do not exist: no MSCN entry there.
 * **training mean**: the network with its initial (unadapted) modulations, the reference
   of ``mscn evaluate``'s ``skill_vs_training_mean``.
+* **general MSCN-256** (``--general``, default the shipped
+  ``climate_general.safetensors`` when present): the same four entries for the general
+  climate checkpoint (field scaling, trained on diverse fields that exclude every test set
+  here), keys prefixed ``general_``.
 * **COIN**: a small SIREN fitted from scratch per field with Adam (``mscn fit`` without
   ``--checkpoint``), see ``COIN`` for the settings.
 
@@ -49,6 +53,7 @@ BITS = 6
 REFINE_STEPS = 100
 COIN = {"depth": 4, "width": 64, "w0": 30.0, "steps": 300, "lr": 1e-3}
 OUT = C.RESULTS / "sphere_vs_sh.json"
+GENERAL = C.ROOT / "plugins" / "checkpoints" / "climate_general.safetensors"
 
 
 # -- real spherical harmonics ---------------------------------------------------------------
@@ -243,15 +248,10 @@ def coin_predictions(m, signals, steps: int) -> tuple[list, float, int]:
     return preds, time.perf_counter() - t0, n_params
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("-o", "--output", default=None)
-    args = ap.parse_args()
-    C.setup_torch(args.threads)
-    warnings.simplefilter("ignore")  # "not in the checkpoint's training set": the point here
-    from mscn_core.checkpoint import load_checkpoint
+def mscn_methods(ck, m, signals, weights, refine_steps: int, prefix: str = ""
+                 ) -> tuple[list[dict], dict]:
+    """Per field: 3 steps, the same at BITS bits, 3 + refine steps, training mean (keys
+    ``{prefix}mscn_{budget}_…``); and the seconds of adapting/refining all fields."""
     from mscn_core.pipeline import (
         adapt_codes,
         initial_predictions,
@@ -259,6 +259,41 @@ def main() -> int:
         quantize_codes,
         refine_codes,
     )
+
+    budget = ck.rep.code_size()
+    t0 = time.perf_counter()
+    codes = adapt_codes(ck, m, signals)
+    t_adapt = time.perf_counter() - t0
+    _, qcodes = quantize_codes(ck, codes, BITS)
+    t0 = time.perf_counter()
+    rcodes = refine_codes(ck, m, signals, codes, refine_steps)
+    t_refine = time.perf_counter() - t0
+    init = initial_predictions(ck, m, signals)
+    out = []
+    for i, (s, w) in enumerate(zip(signals, weights, strict=True)):
+        out.append({
+            f"{prefix}mscn_{budget}_3steps": metrics(m, s, predictor(ck, m, codes[i])(s.coords), w),
+            f"{prefix}mscn_{budget}_3steps_{BITS}bit": metrics(
+                m, s, predictor(ck, m, qcodes[i])(s.coords), w),
+            f"{prefix}mscn_{budget}_refine{refine_steps}": metrics(
+                m, s, predictor(ck, m, rcodes[i])(s.coords), w),
+            f"{prefix}training_mean": metrics(m, s, init[i], w)})
+    return out, {f"{prefix}mscn_adapt_all_fields": t_adapt,
+                 f"{prefix}mscn_refine_all_fields": t_refine}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-o", "--output", default=None)
+    ap.add_argument("--general", default=str(GENERAL) if GENERAL.exists() else None,
+                    help="a second (general, field-scaling) checkpoint to compare; "
+                         "default: the shipped climate_general.safetensors if present")
+    args = ap.parse_args()
+    C.setup_torch(args.threads)
+    warnings.simplefilter("ignore")  # "not in the checkpoint's training set": the point here
+    from mscn_core.checkpoint import load_checkpoint
     from mscn_core.registry import get_modality
 
     t_start = time.perf_counter()
@@ -268,6 +303,14 @@ def main() -> int:
     m = get_modality("sphere")
     m.load_state(ck.modality_state)
     budget = ck.rep.code_size()
+    gck = gm = None
+    if args.general:
+        gck = load_checkpoint(args.general)
+        gm = get_modality("sphere")  # its own instance: the general one scales by field
+        gm.load_state(gck.modality_state)
+        if gck.rep.code_size() != budget:
+            raise SystemExit(f"{args.general}: {gck.rep.code_size()} modulations, the "
+                             f"specialist has {budget}")
     C.log("SH sanity checks")
     sanity = sh_sanity()
     C.log(f"  {sanity}")
@@ -293,6 +336,14 @@ def main() -> int:
                           "rmse_cell_area: weighted by the SH fit's cell areas",
                "threads": args.threads, "quick": args.quick},
            "sh_sanity": sanity, "machine": C.machine_info(), "sets": {}}
+    if gck is not None:
+        out["general_checkpoint"] = {
+            "path": str(Path(args.general).resolve().relative_to(C.ROOT))
+            if Path(args.general).resolve().is_relative_to(C.ROOT) else str(args.general),
+            "sha256": gck.sha256, "scaling_mode": gm.scaling_mode}
+        out["settings"]["general_mscn"] = ("the same MSCN entries for the general checkpoint "
+                                           "(keys general_*), on its own signals (its "
+                                           "scaling)")
     rows = []
     for name, desc, fields in datasets(m, args.quick):
         C.log(f"{name}: {len(fields)} field(s)")
@@ -323,63 +374,68 @@ def main() -> int:
                 key = f"sh_{(deg + 1) ** 2}"
                 p["methods"][key] = {**metrics(m, s, pred, w), **diag}
                 p["seconds"][key] = time.perf_counter() - t0
-        # MSCN at its budget
-        t0 = time.perf_counter()
-        codes = adapt_codes(ck, m, signals)
-        t_adapt = time.perf_counter() - t0
-        _, qcodes = quantize_codes(ck, codes, BITS)
-        t0 = time.perf_counter()
-        rcodes = refine_codes(ck, m, signals, codes, refine_steps)
-        t_refine = time.perf_counter() - t0
-        init = initial_predictions(ck, m, signals)
-        C.log(f"  {name}: MSCN done (adapt {t_adapt:.1f}s, refine {t_refine:.1f}s); COIN")
+        # MSCN at its budget (the specialist; then the general checkpoint, if any)
+        spec, t_spec = mscn_methods(ck, m, signals, weights, refine_steps)
+        gen, t_gen = [{}] * len(signals), {}
+        if gck is not None:
+            gsignals = [gm.to_signal(f) for f in fields]
+            gen, t_gen = mscn_methods(gck, gm, gsignals, weights, refine_steps, "general_")
+            entry["general_scaling"] = gsignals[0].meta["scaling"]
+        C.log(f"  {name}: MSCN done ({t_spec}, {t_gen}); COIN")
         coin, t_coin, n_coin = coin_predictions(m, signals, coin_steps)
         out["settings"]["coin"]["params_per_field"] = n_coin
         for i, (s, p, w) in enumerate(zip(signals, per, weights, strict=True)):
             meth = p["methods"]
-            meth[f"mscn_{budget}_3steps"] = metrics(m, s, predictor(ck, m, codes[i])(s.coords), w)
-            meth[f"mscn_{budget}_3steps_{BITS}bit"] = metrics(
-                m, s, predictor(ck, m, qcodes[i])(s.coords), w)
-            meth[f"mscn_{budget}_refine{refine_steps}"] = metrics(
-                m, s, predictor(ck, m, rcodes[i])(s.coords), w)
-            meth["training_mean"] = metrics(m, s, init[i], w)
+            meth.update(spec[i])
+            meth.update(gen[i])
             meth[f"coin_{COIN['depth']}x{COIN['width']}_{coin_steps}steps"] = metrics(
                 m, s, coin[i], w)
-            p["seconds"].update({"mscn_adapt_all_fields": t_adapt,
-                                 "mscn_refine_all_fields": t_refine,
-                                 "coin_all_fields": t_coin})
+            p["seconds"].update({**t_spec, **t_gen, "coin_all_fields": t_coin})
             sh256 = meth["sh_256"]["rmse"]
-            p["ratio_mscn_over_sh256"] = {
-                "3steps": meth[f"mscn_{budget}_3steps"]["rmse"] / sh256,
-                f"3steps_{BITS}bit": meth[f"mscn_{budget}_3steps_{BITS}bit"]["rmse"] / sh256,
-                f"refine{refine_steps}": meth[f"mscn_{budget}_refine{refine_steps}"]["rmse"]
-                / sh256}
+            for pre in ("", "general_") if gck is not None else ("",):
+                p[f"ratio_{pre}mscn_over_sh256"] = {
+                    "3steps": meth[f"{pre}mscn_{budget}_3steps"]["rmse"] / sh256,
+                    f"3steps_{BITS}bit": meth[f"{pre}mscn_{budget}_3steps_{BITS}bit"]["rmse"]
+                    / sh256,
+                    f"refine{refine_steps}": meth[f"{pre}mscn_{budget}_refine{refine_steps}"][
+                        "rmse"] / sh256}
             units = s.meta.get("units", "")
             r = p["methods"]
             label = re.sub(r",?isobaricInhPa=[^,]*", "", p["label"])
+            best = "general_" if gck is not None else ""  # ratios/area of the general one
+
+            def g(key: str, what: str = "rmse", r=r) -> float | None:
+                return r[key][what] if key in r else None
+
             rows.append([name, f"{i}: {label}", units,
                          r["sh_64"]["rmse"], r["sh_256"]["rmse"], r["sh_1024"]["rmse"],
                          r[f"mscn_{budget}_3steps"]["rmse"],
-                         r[f"mscn_{budget}_3steps_{BITS}bit"]["rmse"],
                          r[f"mscn_{budget}_refine{refine_steps}"]["rmse"],
-                         r["training_mean"]["rmse"],
+                         g(f"general_mscn_{budget}_3steps"),
+                         g(f"general_mscn_{budget}_3steps_{BITS}bit"),
+                         g(f"general_mscn_{budget}_refine{refine_steps}"),
+                         g("general_training_mean"),
                          r[f"coin_{COIN['depth']}x{COIN['width']}_{coin_steps}steps"]["rmse"],
-                         p["ratio_mscn_over_sh256"]["3steps"],
-                         p["ratio_mscn_over_sh256"][f"refine{refine_steps}"],
+                         p[f"ratio_{best}mscn_over_sh256"]["3steps"],
+                         p[f"ratio_{best}mscn_over_sh256"][f"refine{refine_steps}"],
                          r["sh_256"]["rmse_area_weighted"],
-                         r[f"mscn_{budget}_3steps"]["rmse_area_weighted"]])
+                         r[f"{best}mscn_{budget}_3steps"]["rmse_area_weighted"],
+                         r[f"{best}mscn_{budget}_refine{refine_steps}"]["rmse_area_weighted"]])
         entry["fields"] = per
         out["sets"][name] = entry
-    header = ["set", "field", "units", "SH-64", "SH-256", "SH-1024", "MSCN-256 3st",
-              f"MSCN-256 3st {BITS}b", f"MSCN-256 +{refine_steps}ref", "train mean",
-              f"COIN {COIN['depth']}x{COIN['width']} {coin_steps}st", "MSCN/SH256",
-              "MSCN+ref/SH256", "SH-256 (area)", "MSCN 3st (area)"]
+    header = ["set", "field", "units", "SH-64", "SH-256", "SH-1024", "spec 3st",
+              f"spec +{refine_steps}ref", "gen 3st", f"gen 3st {BITS}b",
+              f"gen +{refine_steps}ref", "gen train mean",
+              f"COIN {COIN['depth']}x{COIN['width']} {coin_steps}st", "gen/SH256",
+              "gen+ref/SH256", "SH-256 (area)", "gen 3st (area)", "gen +ref (area)"]
     table = C.markdown_table(header, rows)
     out["table"] = table
     out["wall_seconds"] = time.perf_counter() - t_start
     path = args.output or (C.RESULTS / "sphere_vs_sh_quick.json" if args.quick else OUT)
     C.write_json(path, out)
-    print("RMSE in field units (valid points); last two columns area-weighted (cos lat)\n")
+    print("RMSE in field units (valid points); spec = the ERA5 specialist, gen = the general "
+          "checkpoint (ratios and area columns: gen when given, else spec); last three "
+          "columns area-weighted (cos lat)\n")
     print(table)
     print(f"\nwrote {path} ({out['wall_seconds']:.0f} s)")
     return 0

@@ -70,7 +70,8 @@ def _encoding(ds: xr.Dataset, data_vars: list[str], fill: Any = "keep") -> dict[
     return enc
 
 
-def _write(ds: xr.Dataset, out: Path, encoding: dict[str, dict]) -> int:
+def _write(ds: xr.Dataset, out: Path, encoding: dict[str, dict], limit: int | None = None
+           ) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -81,7 +82,7 @@ def _write(ds: xr.Dataset, out: Path, encoding: dict[str, dict]) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     size = out.stat().st_size
-    limit = MAX_BYTES[out.name]
+    limit = MAX_BYTES[out.name] if limit is None else limit
     if size > limit:
         raise SystemExit(f"{out.name} is {size} bytes, over the {limit} byte budget")
     return size
@@ -169,6 +170,103 @@ def make_geodesic(src: Path, dst: Path) -> int:
     return _write(sub, dst / GEODESIC_OUT, _native_encoding(sub))
 
 
+# -- the general climate checkpoint's training data (issue 8 part 1) ----------------------
+#
+# Diverse real fields on their native grids, split BY FILE AND DATE (never by ensemble
+# member of one day): train/ and val/ hold different dates of the same files (val: the
+# last months/steps), some files are train only. Held out entirely (bench/sphere_vs_sh.py
+# test sets): ncl_t42_uv300.nc, ncl_mpiom_tos_bipolar_curvilinear.nc,
+# ncl_geodesic_2562cells_unstructured.nc, COADS Jan-Mar (every variable) and ERA5
+# 2017-01-01. Cautious extras: ncl_sst_2deg_monthly Jan-Mar (another SST climatology, so a
+# near twin of the COADS SST test months) and U/V at 250-400 hPa of the other T42 file
+# (the held-out field is T42 U300) are left out too.
+GENERAL_DIR = "climate_general"
+GENERAL_MAX_BYTES = 8_000_000  # all files together
+# (source file, output stem, variables, train isel, val isel or None, cast float32)
+_GENERAL: list[tuple[str, str, list[str], dict, dict | None, bool]] = [
+    # 2.5 deg monthly winds 1982-1992: train every 5th month of 1982-1991, val 1992 (4 months)
+    ("navy_winds_2p5deg_1982-1992.nc", "navy_winds", ["UWND", "VWND"],
+     {"TIME": list(range(0, 120, 5))}, {"TIME": [120, 123, 126, 129]}, False),
+    # 500 hPa heights, 21 months: train the first 16, val the last 5
+    ("hgt500_2p5deg_monthly.nc", "hgt500", ["HGT"],
+     {"time": list(range(16))}, {"time": list(range(16, 21))}, False),
+    # COADS climatology, 7 variables: train Apr/Jun/Aug/Oct, val Dec (Jan-Mar held out)
+    ("coads_climatology_2deg.nc", "coads", ["SST", "AIRT", "SPEH", "WSPD", "UWND", "VWND", "SLP"],
+     {"TIME": [3, 5, 7, 9]}, {"TIME": [11]}, False),
+    # ERA5: day 2 only (2017-01-01 is the bench's test day), members 0 and 5, both times
+    ("era5_t_z_3deg_2017-01-01.nc", "era5_2017-01-02", ["t", "z"],
+     {"time": [2, 3], "number": [0, 5]}, None, True),
+    # relief (1 deg, single field) and the last-glacial-maximum topography
+    ("etopo60_relief_1deg.nc", "etopo60_relief", ["ROSE"], {}, None, False),
+    ("ncl_ice5g_21k_topo_1deg.nc", "ice5g_topo", ["Topo"], {}, None, False),
+    # T42 Gaussian model states: 18 hybrid levels, 2 days -> train day 1, val day 2
+    ("ncl_t42_T_PS_18lev.nc", "t42_T_PS", ["T", "PS"],
+     {"time": [0], "lev": [0, 3, 6, 9, 12, 15, 17]}, {"time": [1], "lev": [2, 8, 14]}, False),
+    # another T42 state (1 time): T, U, V at 7 levels (not 250-400 hPa: see above)
+    ("ncl_t42_T_U_V_14lev.nc", "t42_T_U_V", ["T", "U", "V"],
+     {"lev": [0, 1, 3, 7, 9, 11, 13]}, None, False),
+    # T63 Gaussian: t, relative humidity, var3 at 5 levels (1 time)
+    ("ncl_t63_t_rh_17lev.nc", "t63_t_rh", ["t", "rhumidity", "var3"],
+     {"lev": [0, 2, 6, 9, 12]}, None, False),
+    # T63 monthly near-surface winds 2005: train Jan-Sep, val Oct and Dec
+    ("ncl_t63_uas_monthly.nc", "t63_uas", ["uas"],
+     {"time": list(range(9))}, {"time": [9, 11]}, False),
+    ("ncl_t63_vas_monthly.nc", "t63_vas", ["vas"],
+     {"time": list(range(9))}, {"time": [9, 11]}, False),
+    # curvilinear: POP ocean (every 2nd point each way) and a SEAM 2-D lat/lon grid
+    ("ncl_pop_ocean_curvilinear.nc", "pop_ocean_stride2", ["urot", "vrot", "t"],
+     {"nlat": slice(0, None, 2), "nlon": slice(0, None, 2)}, None, False),
+    # (SEAM: train only, its time values are all the fill value, so the CLI could not
+    # tell val fields from train fields by label and would drop them all from train)
+    ("ncl_seam_ps_2d_latlon.nc", "seam_ps", ["ps"], {"time": list(range(9))}, None, False),
+    # another monthly SST climatology: train Apr-Sep, val Nov (Jan-Mar left out, see above)
+    ("ncl_sst_2deg_monthly.nc", "ncl_sst", ["sst"],
+     {"time": [3, 4, 5, 6, 7, 8]}, {"time": [10]}, False),
+]
+
+
+def _general_subset(ds: xr.Dataset, names: list[str], isel: dict, cast: bool) -> xr.Dataset:
+    keep = list(names)
+    for extra in ("lat2d", "lon2d", "lat", "lon"):  # coordinates stored as data variables
+        if extra in ds.data_vars and extra not in keep:
+            keep.append(extra)
+    sub = ds[keep].isel({k: v for k, v in isel.items() if k in ds.dims}).load()
+    if cast:
+        for v in names:
+            attrs = dict(ds[v].attrs)
+            sub[v] = sub[v].astype(np.float32)
+            sub[v].attrs = attrs
+            sub[v].encoding = {}
+    return sub
+
+
+def make_climate_general(src: Path, dst: Path) -> int:
+    """Training (train/) and validation (val/) files of the general climate checkpoint:
+    every shared file except the bench's test sets, subsampled in time/levels (see
+    _GENERAL). Returns the total bytes (at most GENERAL_MAX_BYTES)."""
+    total = 0
+    for sub_dir in ("train", "val"):
+        (dst / GENERAL_DIR / sub_dir).mkdir(parents=True, exist_ok=True)
+    for fname, stem, names, tr, va, cast in _GENERAL:
+        ds = open_climate(src / fname)
+        for part, isel in (("train", tr), ("val", va)):
+            if isel is None:
+                continue
+            sub = _general_subset(ds, names, isel, cast)
+            what = ", ".join(f"{k}={v if isinstance(v, list) else 'every 2nd'}"
+                             for k, v in isel.items()) or "everything"
+            _note(sub, f"mscn climate_general {part}: subset of {fname}: {', '.join(names)}; "
+                       f"isel {what}" + ("; cast to float32" if cast else ""))
+            enc = _native_encoding(sub)
+            if cast:
+                enc.update(_encoding(sub, names, fill=None))
+            out = dst / GENERAL_DIR / part / f"{stem}.nc"
+            total += _write(sub, out, enc, limit=GENERAL_MAX_BYTES)
+    if total > GENERAL_MAX_BYTES:
+        raise SystemExit(f"{GENERAL_DIR} is {total} bytes, over {GENERAL_MAX_BYTES}")
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=DEFAULT_SRC, help="shared climate folder")
@@ -177,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.src.is_dir():
         raise SystemExit(f"source folder {args.src} not found (use --src)")
     args.dst.mkdir(parents=True, exist_ok=True)
-    for fn in (make_era5, make_coads, make_etopo, make_t42, make_mpiom, make_geodesic):
+    for fn in (make_era5, make_coads, make_etopo, make_t42, make_mpiom, make_geodesic,
+               make_climate_general):
         size = fn(args.src, args.dst)
         print(f"{fn.__name__}: {size} bytes")
     return 0

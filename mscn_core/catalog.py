@@ -168,6 +168,18 @@ def find_checkpoint(sha256: str, extra_dirs: Iterable[str | os.PathLike] = ()) -
                             "checkpoint=PATH")
 
 
+def find_named(name: str, extra_dirs: Iterable[str | os.PathLike] = ()) -> Path:
+    """The checkpoint file called ``name`` (``.safetensors`` added when missing) in the
+    same folders as :func:`find_checkpoint`, first match; a modality's shipped default."""
+    file = name if name.endswith(SUFFIX) else name + SUFFIX
+    dirs = search_dirs(extra_dirs)
+    for d in dirs:
+        if (d / file).is_file():
+            return d / file
+    where = ", ".join(map(str, dirs)) or "no folders"
+    raise FileNotFoundError(f"no checkpoint called {file} in {where}; pass --checkpoint")
+
+
 def clear_cache() -> None:
     """Forget in-memory hashes (the on-disk index is re-read at the next lookup)."""
     global _index_loaded

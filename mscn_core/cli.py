@@ -746,9 +746,31 @@ def _stream_checkpoint(path: str) -> Path:
         raise CommandError(f"{path}: {err}; or pass --checkpoint") from None
 
 
+def _use_default_checkpoint(args) -> None:
+    """No ``--checkpoint`` for fit/evaluate/encode: the modality's shipped default, where
+    it declares one (``default_checkpoint``, a file name the catalog finds), said once."""
+    if args.command not in ("fit", "evaluate", "encode"):
+        return  # decode: the stream names its checkpoint
+    default = getattr(args.modality_obj, "default_checkpoint", None)
+    if getattr(args, "from_scratch", False):
+        if args.checkpoint is not None:
+            raise CommandError("--from-scratch and --checkpoint exclude each other")
+        return
+    if args.checkpoint is not None or not default or getattr(args, "_default_said", False):
+        return
+    from .catalog import find_named
+
+    args.checkpoint, args._default_said = str(find_named(default)), True
+    print(f"using {args.checkpoint} (the {args.modality_obj.name} modality's default; "
+          "--checkpoint to choose another" + (", --from-scratch for none)"
+                                              if args.command == "fit" else ")"),
+          file=sys.stderr)
+
+
 def _load(args):
     from .checkpoint import load_checkpoint
 
+    _use_default_checkpoint(args)
     if args.checkpoint is None and args.command == "fit":
         return None, args.modality_obj
     if args.checkpoint is None and args.command == "decode":
@@ -756,7 +778,8 @@ def _load(args):
         print(f"using {args.checkpoint} (the stream's checkpoint, found by its sha256)",
               file=sys.stderr)
     if args.checkpoint is None:
-        raise ValueError("--checkpoint is required")
+        raise CommandError(f"--checkpoint is required (the {args.modality_obj.name} modality "
+                           "ships no default checkpoint)")
     ck = load_checkpoint(args.checkpoint)
     modality = args.modality_obj
     if modality.name != ck.modality:
@@ -772,6 +795,7 @@ def _summary(metrics: list[dict]) -> dict:
 
 
 def cmd_fit(args) -> int:
+    _use_default_checkpoint(args)
     if args.checkpoint is None and args.bits:
         raise CommandError("--bits needs a --checkpoint (its quantiser and entropy model)")
     if args.checkpoint is None and args.refine_steps:
@@ -1180,7 +1204,9 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_meta_train)
 
     def fit_flags(s):
-        s.add_argument("--checkpoint", required=True)
+        s.add_argument("--checkpoint", default=None,
+                       help="meta-learned checkpoint (default: the modality's shipped "
+                       "default, where it has one; fit without either: from scratch)")
         s.add_argument("--steps", type=_nonnegative_int, default=None,
                        help="inner steps (default: the checkpoint's, 3)")
         s.add_argument("--bits", type=_bits, default=None,
@@ -1194,9 +1220,9 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
                        epilog=hint)
     s.add_argument("file")
     fit_flags(s)
-    s._option_string_actions["--checkpoint"].required = False
-    s._option_string_actions["--checkpoint"].help = ("meta-learned checkpoint (without it: "
-                                                      "fit from scratch, see below)")
+    s.add_argument("--from-scratch", action="store_true",
+                   help="no checkpoint: fit a network from scratch per item (see below), "
+                   "also where the modality ships a default checkpoint")
     add_config_flags(s, ScratchConfig, "from scratch (no --checkpoint)", prefix="scratch")
     out_flags(s)
     modality_flags(s)
@@ -1216,7 +1242,9 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+", metavar="FILE",
                    help="one input: one stream at -o FILE; several (folders, patterns): one "
                    "stream each, -o names the output folder (DIR/<name>.mscn)")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", default=None,
+                   help="meta-learned checkpoint (default: the modality's shipped default, "
+                   "where it has one)")
     scale = s.add_argument_group("many inputs (needs the 'scale' extra for a cluster)")
     where = scale.add_mutually_exclusive_group()
     where.add_argument("--workers", type=_nonnegative_int, default=None, metavar="N",

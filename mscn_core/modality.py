@@ -11,8 +11,9 @@ Optional: everything else, including ``view`` (absent = no viewer),
 :meth:`Modality.check_meta` (validate a stream's item metadata before decoding), and
 the capabilities in ``OPTIONAL_CAPABILITIES`` (absent = not offered): ``value_scale``
 (error-bounded encoding), ``output_ulp`` (its margin for the artifact's number format),
-``reference_group`` (climatology skill in ``mscn evaluate``) and ``scan``/``load``
-(lazy reading of large archives, :mod:`mscn_core.streaming`).
+``reference_group`` (climatology skill in ``mscn evaluate``), ``scan``/``load``
+(lazy reading of large archives, :mod:`mscn_core.streaming`) and ``default_checkpoint``
+(the shipped checkpoint commands use without ``--checkpoint``).
 
 Vocabulary
 ----------
@@ -66,7 +67,8 @@ OPTIONAL_METHODS = ("guess_can_open", "fit_state", "state", "load_state", "item_
 #     one item loaded from its reference, equal to ``read``'s. Offered: ``meta-train``
 #     reads only the items a step asks for (bounded memory at any archive size); a bad
 #     selection must fail in ``scan``, before any training.
-OPTIONAL_CAPABILITIES = ("value_scale", "output_ulp", "reference_group", "scan", "load")
+OPTIONAL_CAPABILITIES = ("value_scale", "output_ulp", "reference_group", "scan", "load",
+                         "default_checkpoint")
 
 
 def masked_mse(pred: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
@@ -298,7 +300,10 @@ def contract_problems(obj: Any) -> list[str]:
                                 f"(the CLI makes them flags); none for {', '.join(missing)}")
     for cap in ("view", *OPTIONAL_CAPABILITIES):
         member = getattr(obj, cap, None)
-        if member is not None and not callable(member):
+        if cap == "default_checkpoint":
+            if member is not None and not (isinstance(member, str) and member):
+                problems.append("default_checkpoint must be a checkpoint file name or None")
+        elif member is not None and not callable(member):
             problems.append(f"{cap} must be a method or None")
     if (getattr(obj, "scan", None) is None) != (getattr(obj, "load", None) is None):
         problems.append("scan and load come together (lazy reading needs both) or not at all")

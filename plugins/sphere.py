@@ -483,6 +483,11 @@ class SphereOptions:
     vmax: float | None = None
     # view: which panels, in order, comma-separated: truth,recon,error (e.g. error only)
     panels: str = "truth,recon,error"
+    # meta-train: how a field maps to [0, 1]: variable (the training range of each known
+    # variable) or field (every field by its own min/max, in the stream and its bits; one
+    # network for any variable, level and date). Stored in the checkpoint: fit/encode use
+    # the checkpoint's mode unless this is given.
+    scaling: Literal["variable", "field"] | None = None
 
     def validation(self) -> SphereOptions | None:
         """Options that select the validation items (None: the core splits at random)."""
@@ -542,9 +547,13 @@ class SphereModality(Modality):
     options = SphereOptions
     points_per_step = 65536  # a 0.25° global field (1M points) adapts on 64k per step
     view_names = ("globe",)
+    # fit/evaluate/encode without --checkpoint: the general checkpoint (every variable,
+    # level and grid kind of the shared files, per-field scaling; plugins/checkpoints)
+    default_checkpoint = "climate_general.safetensors"
 
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
+        self.scaling_mode = "variable"  # or "field": see SphereOptions.scaling
         self._grid_checked: tuple[dict, Any] | None = None  # see check_meta
         self._warned: set[str] = set()  # variables already reported as unknown
         self._open: dict[str, xr.Dataset] = {}  # load(): files kept open, oldest first
@@ -633,15 +642,33 @@ class SphereModality(Modality):
         self.scaling = {k: [lo, hi if hi > lo else lo + 1.0] for k, (lo, hi) in ranges.items()}
 
     def state(self) -> dict:
-        return {"scaling": self.scaling}
+        return {"scaling": self.scaling, "scaling_mode": self.scaling_mode}
 
     def load_state(self, state: dict) -> None:
         self.scaling = {k: list(v) for k, v in state.get("scaling", {}).items()}
+        # checkpoints from before the mode existed are "variable"
+        mode = state.get("scaling_mode", "variable")
+        if mode not in ("variable", "field"):
+            raise ValueError(f"scaling_mode must be 'variable' or 'field', got {mode!r}")
+        self.scaling_mode = mode
+
+    def _use_options(self, options: SphereOptions | None) -> None:
+        """An explicit --scaling sets the mode (meta-train: it lands in the checkpoint)."""
+        mode = getattr(options, "scaling", None)
+        if mode is not None:
+            if mode not in ("variable", "field"):
+                raise ValueError(f"scaling must be 'variable' or 'field', got {mode!r}")
+            self.scaling_mode = mode
 
     def scale_for(self, field: xr.DataArray) -> tuple[float, float, str]:
-        """The [0, 1] scaling: the checkpoint's training range for a variable it knows,
-        else the field's own range (carried in the stream: 16 bytes); said once."""
+        """The [0, 1] scaling: in "field" mode every field's own range; else the
+        checkpoint's training range for a variable it knows, else the field's own range
+        (said once). The range is in the stream either way (meta ``scale``)."""
         k = variable_key(field)
+        if self.scaling_mode == "field":
+            v = np.asarray(field.values, dtype=np.float64)
+            lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
+            return lo, (hi if hi > lo else lo + 1.0), "own field range (field scaling)"
         if k in self.scaling:
             lo, hi = self.scaling[k]
             return lo, hi, "training-set range of " + k
@@ -664,6 +691,7 @@ class SphereModality(Modality):
             grid = climate.find_grid(item)
         except climate.ClimateDataError:
             grid = None
+        self._use_options(options)
         if grid is not None and not climate.native_regular(grid):
             return self._native_signal(item, grid)
         try:  # a lazily opened field (the accessor, the Python API) loads its values here

@@ -142,7 +142,8 @@ def test_cli_fit_and_encode(setup, tiny_sphere_checkpoint, tmp_path):
                   "-o", tmp_path / "b.mscn"))
     assert enc["items"] == 4
     assert len(P.decode_stream((tmp_path / "b.mscn").read_bytes(), ck).artifacts) == 4
-    line = refused(mscn("fit", ERA5, *T500, "--refine-steps", 3, "-o", tmp_path / "c.nc"))
+    line = refused(mscn("fit", ERA5, *T500, "--from-scratch", "--refine-steps", 3,
+                        "-o", tmp_path / "c.nc"))
     assert "--checkpoint" in line and "--refine-steps" in line
 
 
