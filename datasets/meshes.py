@@ -288,18 +288,11 @@ def is_shape_file(path) -> bool:
 def read_shapes(path, max_faces: int | None = 500_000) -> list[Shape]:
     """All shapes of one file: binvox/HDF5 by content first, then meshes by extension."""
     path = Path(path)
-    if path.is_dir():
-        raise MeshDataError(f"{path.name}: is a directory; pass the shape files inside it")
-    if not path.is_file():
-        raise MeshDataError(f"{path.name}: no such file ({path})")
-    kind = _sniff(path)
+    kind = shape_file_kind(path)
     if kind == "binvox":
         return [read_binvox(path)]
     if kind == "hdf5":
         return read_voxels_hdf5(path)
-    if path.suffix.lower() in (".binvox", ".h5", ".hdf5"):
-        raise MeshDataError(f"{path.name}: extension says {path.suffix} but the content is "
-                            "neither binvox nor HDF5")
     mesh, frame = normalise(load_mesh(path, max_faces=max_faces))
     return [Shape(name=path.stem, source=str(path), frame=frame, mesh=mesh,
                   occupancy=None, watertight=bool(mesh.is_watertight))]
