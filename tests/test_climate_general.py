@@ -107,8 +107,7 @@ def test_explicit_option_overrides_and_is_validated():
 
 @pytest.fixture(scope="module")
 def general():
-    if not GENERAL.exists():
-        pytest.skip("climate_general.safetensors not built (make climate-checkpoint)")
+    assert GENERAL.is_file(), "the shipped general checkpoint is missing (make climate-checkpoint)"
     ck = load_checkpoint(GENERAL)
     m = get_modality("sphere")
     m.load_state(ck.modality_state)
