@@ -651,9 +651,11 @@ def _meta_train(args) -> int:
         if main and has_state(tcfg.state_dir):
             sig.kept = f"training state kept in {tcfg.state_dir}; continue with --resume"
         raise
-    if not main:
+    if not main:  # wait for rank 0's codec fit and save: all ranks leave the group together
+        distributed.barrier()
         return 0
     digest = save_checkpoint(ck, out, overwrite=args.overwrite)
+    distributed.barrier()
     t = ck.info["train"]
     where = [f"checkpoint {out}"]
     if Path(tcfg.log_path).exists():
