@@ -133,14 +133,6 @@ def _loaded(settings: Settings) -> tuple[Any, Any]:
     return _LOADED[key]
 
 
-def _mean(metrics: list[dict]) -> dict:
-    """Per-metric mean over items (numbers only), as the single-input encode reports."""
-    if not metrics:
-        return {}
-    keys = [k for k in metrics[0] if isinstance(metrics[0][k], int | float)]
-    return {k: float(sum(m[k] for m in metrics) / len(metrics)) for k in keys}
-
-
 def encode_one(job: Job, settings: Settings) -> dict:
     """Read, encode and atomically write one input; a summary row, never an exception.
 
@@ -149,7 +141,7 @@ def encode_one(job: Job, settings: Settings) -> dict:
     finds its output already written by the killed attempt accepts it only if it holds
     the very bytes this attempt encoded (the encoder is deterministic), never overwrites.
     """
-    from .cli import _read_items, describe_error
+    from .cli import _read_items, _summary, describe_error
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"input": job.input, "output": job.output}
@@ -177,7 +169,7 @@ def encode_one(job: Job, settings: Settings) -> dict:
                 raise
             row["note"] = "written by an earlier attempt (identical bytes)"
         row.update(items=len(items), bytes=rep.n_bytes, values=rep.n_values,
-                   bits_per_value=rep.bits_per_value, mean=_mean(rep.metrics))
+                   bits_per_value=rep.bits_per_value, mean=_summary(rep.metrics))
         if rep.bounds is not None:
             row.update(residual_bytes=rep.residual_bytes,
                        max_abs_error=max(b["max_abs_error"] for b in rep.bounds))

@@ -792,6 +792,9 @@ def _load(args):
 
 
 def _summary(metrics: list[dict]) -> dict:
+    """Per-metric mean over items (numbers only): every command's ``mean``."""
+    if not metrics:
+        return {}
     keys = [k for k in metrics[0] if isinstance(metrics[0][k], int | float)]
     return {k: float(sum(m[k] for m in metrics) / len(metrics)) for k in keys}
 
