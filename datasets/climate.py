@@ -32,6 +32,7 @@ and unlimited dims; :func:`portable_encoding` carries what a decoder needs for t
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import itertools
 import json
 import math
@@ -94,6 +95,7 @@ _ENC_UNLIMITED = "mscn_unlimited_dims"
 _ENC_INDEX_DIMS = "mscn_index_dims"  # item dims that had no coordinate in the input
 _ENC_PROMOTED = "mscn_promoted_coords"  # lat/lon stored as data variables in the input
 _ENC_ITEM_POS = "mscn_item_pos"  # a field's index along the item dims (repeated coord values)
+_ENC_REPEATED = "mscn_repeated_dims"  # item dims whose coordinate repeats values (labels)
 _ENC_AREA = "mscn_cell_area"  # cell areas (sr) from CF bounds / corners, native flat order
 
 NETCDF_FORMATS = ("NETCDF4", "NETCDF4_CLASSIC", "NETCDF3_64BIT_OFFSET", "NETCDF3_CLASSIC")
@@ -382,7 +384,7 @@ def find_grid(obj: xr.DataArray | xr.Dataset) -> Grid:
             "CF standard_name latitude/longitude, units degrees_north/east, or a name like "
             "lat/lon, lat2d/lon2d, grid_center_lat/lon")
     la, lo = obj.coords[lat], obj.coords[lon]
-    radians = str(la.attrs.get("units", "")).lower().strip() in _RAD_UNITS
+    radians = is_radians(la.attrs)
     if la.ndim == 1 and lo.ndim == 1:
         if la.dims == lo.dims:
             return Grid("unstructured", lat, lon, (str(la.dims[0]),), radians)
@@ -397,6 +399,35 @@ def find_grid(obj: xr.DataArray | xr.Dataset) -> Grid:
         return Grid("curvilinear", lat, lon, tuple(map(str, la.dims)), radians)
     raise ClimateDataError(f"{what}: latitude {lat!r} {list(la.dims)} and longitude {lon!r} "
                            f"{list(lo.dims)} do not form a grid")
+
+
+def is_radians(attrs: Mapping[str, Any]) -> bool:
+    """Whether a latitude coordinate's ``units`` say radians (as :func:`find_grid` decides)."""
+    return str(attrs.get("units", "")).lower().strip() in _RAD_UNITS
+
+
+GRID_HASH_TAG = b"mscn-grid-1\0"  # versions the canonical form below
+
+
+def grid_sha256(lat: xr.Variable | xr.DataArray, lon: xr.Variable | xr.DataArray) -> str:
+    """sha256 (hex) of a horizontal grid in a canonical form: each coordinate's dims and
+    shape (JSON), then its values as float64 little-endian, in degrees (radians per
+    :func:`is_radians` of ``lat``, as :func:`find_grid` decides), in the file's own order
+    (each variable's own dims, not the field's). Names and attributes are not in it, so a
+    grid file written by another tool with the same points has the same hash.
+
+    Why: a stream that references its grid (``grid_storage="reference"``) names it by
+    this hash, and decoding checks a grid file against it before using its points."""
+    radians = is_radians(lat.attrs)
+    h = hashlib.sha256(GRID_HASH_TAG)
+    h.update(json.dumps([{"dims": [str(d) for d in v.dims], "shape": [int(n) for n in v.shape]}
+                         for v in (lat, lon)], separators=(",", ":")).encode() + b"\0")
+    for v in (lat, lon):
+        a = np.asarray(v.values, dtype=np.float64)
+        if radians:
+            a = np.degrees(a)
+        h.update(np.ascontiguousarray(a, dtype="<f8").tobytes())
+    return h.hexdigest()
 
 
 def _bounds_names(ds: xr.Dataset) -> set[str]:
@@ -954,12 +985,13 @@ def iter_fields(da: xr.DataArray) -> Iterator[xr.DataArray]:
     shape = [da.sizes[d] for d in item_dims]
     # a coordinate that repeats values (SEAM's time: all the netCDF default fill) cannot
     # tell fields apart: each field then carries its position
-    repeated = any(not pd.Index(np.asarray(da[d].values).ravel()).is_unique
-                   for d in item_dims)
+    repeated = tuple(d for d in item_dims
+                     if not pd.Index(np.asarray(da[d].values).ravel()).is_unique)
     for idx in np.ndindex(*shape):
         field = da.isel(dict(zip(item_dims, idx, strict=True)))
         if repeated:
             field.encoding[_ENC_ITEM_POS] = tuple(int(i) for i in idx)
+            field.encoding[_ENC_REPEATED] = repeated
         field.encoding[_ENC_ITEM_DIMS] = tuple(item_dims)
         field.encoding[_ENC_DIMS] = tuple(dims_order)
         if index_dims:

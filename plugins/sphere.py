@@ -3,7 +3,8 @@
 Points are (cos φ cos λ, cos φ sin λ, sin φ) so the network sees no seam at the date
 line and no pole singularity. Regular global grids are normalised (lat ascending, lon in
 [0, 360)); every other grid (Gaussian, regional, curvilinear, unstructured) is coded as
-its points in the file's own order, its coordinates carried in the stream. Values are
+its points in the file's own order, its coordinates carried in the stream (or, with
+``grid_storage="reference"``, named by a hash and read from a grid file). Values are
 scaled to [0, 1] per variable with ranges fitted on the training set (kept in the
 checkpoint, so they cost no bits); a variable the checkpoint has never seen is scaled by
 its own field range, carried in the item.
@@ -15,6 +16,7 @@ import base64
 import dataclasses
 import math
 import os
+import re
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -187,6 +189,8 @@ def _compact_axis(values: np.ndarray) -> Any:
 
 
 def _expand_axis(data: Any, dtype: str) -> np.ndarray:
+    if isinstance(data, dict) and "ref" in data:  # resolve_grid() replaces it first
+        raise ValueError("coordinate data is a grid reference: the grid file is needed")
     if isinstance(data, dict) and "zlib" in data:  # sizes checked by _coord_shape
         dt = np.dtype(dtype).newbyteorder("<")
         shape = tuple(int(n) for n in data["shape"])
@@ -209,11 +213,16 @@ CF_ATTRS = ("units", "standard_name", "long_name", "axis", "calendar", "positive
             "_FillValue", "missing_value", "valid_min", "valid_max", "modulo")
 
 
-def field_template(field: xr.DataArray, metadata: str = "full") -> dict:
+def field_template(field: xr.DataArray, metadata: str = "full",
+                   grid_storage: str = "embed") -> dict:
     """JSON description of a 2-D field without its values: enough to rebuild the artifact.
 
     Coordinates go through xarray's CF encoder so times become numbers with units.
+    ``grid_storage="reference"``: a curvilinear or unstructured grid's lat/lon values are
+    replaced by a reference (:func:`refer_grid`); decoding then needs the grid file.
     """
+    if grid_storage not in GRID_STORAGE:
+        raise ValueError(f"grid_storage must be 'embed' or 'reference', got {grid_storage!r}")
     ds = field.to_dataset(name=str(field.name))
     ds = ds.drop_vars(str(field.name)).assign_coords()
     with warnings.catch_warnings():  # NCL's "days since 1-1-1" is year 1: no news
@@ -233,9 +242,105 @@ def field_template(field: xr.DataArray, metadata: str = "full") -> dict:
     if metadata == "cf" and "global_attrs" in encoding:  # CF essentials only
         encoding["global_attrs"] = {a: v for a, v in encoding["global_attrs"].items()
                                     if a in ("Conventions",)}
-    return {"name": str(field.name), "dims": list(field.dims), "dtype": str(field.dtype),
+    tmpl = {"name": str(field.name), "dims": list(field.dims), "dtype": str(field.dtype),
             "attrs": {a: _jsonable(b) for a, b in field.attrs.items() if keep(a)},
             "coords": coords, "encoding": encoding}
+    if grid_storage == "reference":
+        tmpl = refer_grid(tmpl, field)[0]
+    return tmpl
+
+
+# -- grid by reference: the stream names its grid, a grid file holds it -----------------
+GRID_STORAGE = ("embed", "reference")
+REFERENCE_KINDS = ("curvilinear", "unstructured")  # 1-D axis grids cost little: embedded
+_GRID_REF_KEYS = ("sha256", "file", "kind", "lat", "lon")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def refer_grid(tmpl: dict, field: xr.DataArray) -> tuple[dict, dict | None]:
+    """``tmpl`` (a :func:`field_template` of ``field``) with its horizontal grid replaced
+    by a reference, and the replaced coordinate entries (None: nothing replaced).
+
+    Only curvilinear and unstructured grids (2-D or per-cell lat/lon, the bulk of such a
+    stream); regular, Gaussian and regional 1-D axes stay embedded. The lat/lon entries
+    keep dims, dtype and attributes (small), their data becomes ``{"ref": "grid",
+    "shape"}``; ``tmpl["grid_ref"]`` holds the grid's :func:`climate.grid_sha256`, the
+    source file's basename (informational), the grid kind and the coordinate names.
+    Bounds/corner variables are never template coordinates (their vertex dim is not
+    the field's), so there is nothing of theirs to replace."""
+    try:
+        grid = climate.find_grid(field)
+    except climate.ClimateDataError:
+        return tmpl, None
+    if grid.kind not in REFERENCE_KINDS or not {grid.lat, grid.lon} <= set(tmpl["coords"]):
+        return tmpl, None
+    sha = climate.grid_sha256(field.coords[grid.lat].variable, field.coords[grid.lon].variable)
+    coords = dict(tmpl["coords"])
+    replaced = {}
+    for name in (grid.lat, grid.lon):
+        replaced[name] = coords[name]
+        shape = [int(n) for n in field.coords[name].shape]
+        coords[name] = dict(coords[name], data={"ref": "grid", "shape": shape})
+    source = field.encoding.get("source")
+    ref = {"sha256": sha, "file": os.path.basename(str(source)) if source else "",
+           "kind": grid.kind, "lat": grid.lat, "lon": grid.lon}
+    return dict(tmpl, coords=coords, grid_ref=ref), replaced
+
+
+def _grid_ref_text(ref: dict) -> str:
+    src = f"from {ref['file']}" if ref["file"] else "source file unknown"
+    return f"grid sha256 {ref['sha256'][:12]}\u2026 ({src})"
+
+
+def read_grid_file(path: str | os.PathLike, tmpl: dict) -> dict[str, np.ndarray]:
+    """The referenced grid's coordinate data, CF-encoded as :func:`field_template`
+    stores it, from grid file ``path`` (read with :func:`climate.open_climate`); one-line
+    ValueError when the file lacks the named coordinates, they have other dims or shape,
+    or its grid hash is not the stream's. ``tmpl``: a checked template with a grid_ref."""
+    ref = tmpl["grid_ref"]
+    names = (ref["lat"], ref["lon"])
+    ds = climate.open_climate(path)
+    try:
+        ds = climate.promote_grid_coords(ds)
+        missing = [n for n in names if n not in ds.variables]
+        if missing:
+            try:
+                g = climate.find_grid(ds)
+                hint = f"; its grid is {g.lat}/{g.lon} ({g.kind})"
+            except climate.ClimateDataError:
+                hint = "; it has no latitude/longitude grid"
+            raise ValueError(f"grid file {path} has no {' and no '.join(missing)} (the "
+                             f"stream's {ref['kind']} grid is {names[0]}/{names[1]}){hint}")
+        variables = {n: ds[n].variable for n in names}
+        sha = climate.grid_sha256(variables[names[0]], variables[names[1]])
+        if sha != ref["sha256"]:
+            why = ""
+            for n, v in variables.items():  # say why, where the layout already differs
+                c = tmpl["coords"][n]
+                have = ([str(d) for d in v.dims], [int(k) for k in v.shape])
+                want = (list(c["dims"]), [int(k) for k in c["data"]["shape"]])
+                if have != want:
+                    why = (f" ({n} is {'x'.join(map(str, have[1]))} on {', '.join(have[0])}, "
+                           f"the stream's {'x'.join(map(str, want[1]))} on {', '.join(want[0])})")
+                    break
+            raise ValueError(f"grid file {path} has grid {sha[:12]}, the stream needs "
+                             f"{ref['sha256'][:12]}{why}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Ambiguous reference date string")
+            encoded, _ = xr.conventions.cf_encoder(variables, {})
+        return {n: np.asarray(encoded[n].values).astype(tmpl["coords"][n]["dtype"])
+                for n in names}
+    finally:
+        ds.close()
+
+
+def resolved_template(tmpl: dict, grid: dict[str, Any]) -> dict:
+    """``tmpl`` without its grid reference: the referenced coordinates' data from
+    ``grid`` (name → array or :func:`_compact_axis` data), all else as it was."""
+    coords = dict(tmpl["coords"])
+    for name, data in grid.items():
+        coords[name] = dict(coords[name], data=data)
+    return {k: v for k, v in tmpl.items() if k != "grid_ref"} | {"coords": coords}
 
 
 def template_coords(tmpl: dict) -> xr.Dataset:
@@ -335,6 +440,19 @@ def _coord_shape(name: str, c: Any, limit: int) -> tuple[list[str], tuple[int, .
     _dtype(c["dtype"], f"template coordinate {name!r} dtype", _COORD_KINDS)
     _check_attrs(c["attrs"], f"template coordinate {name!r} attrs")
     data = c["data"]
+    if isinstance(data, dict) and "ref" in data:  # in the grid file (refer_grid)
+        if set(data) != {"ref", "shape"} or data["ref"] != "grid":
+            raise ValueError(f"template coordinate {name!r}: a grid reference needs exactly "
+                             "ref 'grid' and a shape")
+        if np.dtype(c["dtype"]).kind not in "fiu":
+            raise ValueError(f"template coordinate {name!r}: grid coordinates must be numeric")
+        shp = data["shape"]
+        if not isinstance(shp, list) or len(shp) != len(dims):
+            raise ValueError(f"template coordinate {name!r}: shape does not match its dims")
+        sizes = tuple(limits.check_count(n, f"template coordinate {name!r} shape", 0, limit)
+                      for n in shp)
+        limits.check_output_values(math.prod(sizes), f"template coordinate {name!r}")
+        return dims, sizes
     if isinstance(data, dict) and "zlib" in data:  # raw bytes (_compact_axis)
         if set(data) != {"zlib", "shape"} or not isinstance(data["zlib"], str):
             raise ValueError(f"template coordinate {name!r}: binary data needs exactly a zlib "
@@ -410,6 +528,7 @@ def check_template(tmpl: Any, shape: tuple[int, ...], limit: int, native: bool =
     missing = [d for d in dims if d not in sizes]
     if missing:
         raise ValueError(f"template dim {missing[0]!r} has no coordinate")
+    _check_grid_ref(tmpl, native)
     if native:
         got = tuple(sizes[d] for d in dims)
         if got != tuple(shape):
@@ -420,6 +539,43 @@ def check_template(tmpl: Any, shape: tuple[int, ...], limit: int, native: bool =
     if grid not in (tuple(shape), tuple(shape)[::-1]):
         raise ValueError(f"template grid {grid[0]}x{grid[1]} does not match shape "
                          f"{shape[0]}x{shape[1]}")
+
+
+def _check_grid_ref(tmpl: dict, native: bool) -> None:
+    """A template's grid reference (:func:`refer_grid`), if any: its fields' types, and
+    exactly its lat and lon coordinates refer to it."""
+    refs = sorted(n for n, c in tmpl["coords"].items()
+                  if isinstance(c["data"], dict) and "ref" in c["data"])
+    if "grid_ref" not in tmpl:
+        if refs:
+            raise ValueError(f"template coordinate {refs[0]!r} refers to a grid but the "
+                             "template has no grid_ref")
+        return
+    ref = tmpl["grid_ref"]
+    if not native:
+        raise ValueError("template grid_ref on a regular grid (regular grids are embedded)")
+    if not isinstance(ref, dict):
+        raise ValueError(f"template grid_ref must be an object, got {limits.describe(ref)}")
+    if sorted(map(str, ref)) != sorted(_GRID_REF_KEYS):
+        raise ValueError(f"template grid_ref must have exactly {', '.join(_GRID_REF_KEYS)}; "
+                         f"got {', '.join(sorted(map(str, ref))[:8]) or 'nothing'}")
+    sha = ref["sha256"]
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ValueError(f"template grid_ref sha256 must be 64 lowercase hex digits, got "
+                         f"{limits.describe(sha)}")
+    name = ref["file"]
+    if not isinstance(name, str) or len(name) > 255 or any(ch in name for ch in "/\\\0\n"):
+        raise ValueError(f"template grid_ref file must be a file's base name, got "
+                         f"{limits.describe(name)}")
+    if ref["kind"] not in REFERENCE_KINDS:
+        raise ValueError(f"template grid_ref kind must be one of {REFERENCE_KINDS}, got "
+                         f"{limits.describe(ref['kind'])}")
+    for key in ("lat", "lon"):
+        _check_name(ref[key], f"template grid_ref {key}")
+    if ref["lat"] == ref["lon"] or refs != sorted((ref["lat"], ref["lon"])):
+        raise ValueError(f"template grid_ref names {limits.describe(ref['lat'])}/"
+                         f"{limits.describe(ref['lon'])}, but the coordinates that refer to "
+                         f"it are {refs}")
 
 
 def _template_grid(tmpl: dict) -> tuple[int, int]:
@@ -468,6 +624,15 @@ class SphereOptions:
     resolution: float | None = None
     # metadata kept in a stream: every attribute (full) or the CF essentials (cf)
     metadata: Literal["full", "cf"] = "full"
+    # encode: a curvilinear or unstructured grid's lat/lon go into the stream (embed) or
+    # stay in the input file, the stream naming them by a sha256 of their values
+    # (reference: one-field MPI-OM streams 70-140x smaller; decode needs --grid-file).
+    # Regular, Gaussian and regional grids (1-D axes, a few hundred bytes) are always
+    # embedded; times, levels and other coordinates too
+    grid_storage: Literal["embed", "reference"] = "embed"
+    # decode/fit: the file holding the grid a stream references (any NetCDF/zarr with the
+    # same lat/lon variables and values, e.g. the input file; checked by its hash)
+    grid_file: str | None = None
     # meta-train: validation fields = --sel plus these (overriding), e.g. number=7;
     # replaces the random split
     val_sel: list[str] = field(default_factory=list)
@@ -557,6 +722,11 @@ class SphereModality(Modality):
         self._grid_checked: tuple[dict, Any] | None = None  # see check_meta
         self._warned: set[str] = set()  # variables already reported as unknown
         self._open: dict[str, xr.Dataset] = {}  # load(): files kept open, oldest first
+        # referenced grids: those this instance encoded (sha256 -> coordinate data: a
+        # bounded encode reconstructs without a grid file) and grid files read (keyed by
+        # path and sha256: read and hashed once per stream)
+        self._known_grids: dict[str, dict[str, Any]] = {}
+        self._grid_files: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- reading ----------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
@@ -626,8 +796,17 @@ class SphereModality(Modality):
         return climate.load_field(ds, path, name, n, sel=sel, sel_method=method)
 
     def item_label(self, item: xr.DataArray) -> str:
-        """Variable, scalar coordinates (time, member, level) and shape."""
-        scal = sorted((str(k), str(v.values)) for k, v in item.coords.items() if v.ndim == 0)
+        """Variable, scalar coordinates (time, member, level) and shape. Where an item
+        coordinate does not tell the file's fields apart (missing values: SEAM's times
+        are all the netCDF fill value; NaN/NaT; any repeated value) the label also holds
+        the field's position along that dim (a --sel on another dim leaves it as it is),
+        so distinct fields never share a label (train/validation de-duplication)."""
+        pos = item.encoding.get(climate._ENC_ITEM_POS)
+        dims = item.encoding.get(climate._ENC_ITEM_DIMS, ())
+        repeated = set(item.encoding.get(climate._ENC_REPEATED, ()))
+        at = {str(d): p for d, p in zip(dims, pos or (), strict=False) if d in repeated}
+        scal = sorted((str(k), str(v.values) + (f"#{at[str(k)]}" if str(k) in at else ""))
+                      for k, v in item.coords.items() if v.ndim == 0)
         return f"{item.name}|{scal}|{item.shape}"
 
     # -- training-set state -----------------------------------------------------------
@@ -745,8 +924,42 @@ class SphereModality(Modality):
         return sig
 
     def item_template(self, item: xr.DataArray, options: SphereOptions | None = None) -> dict:
-        """``metadata="cf"`` keeps only CF attributes (units, names, calendar…): fewer bytes."""
-        return field_template(item, _options(options).metadata)
+        """``metadata="cf"`` keeps only CF attributes (units, names, calendar…): fewer bytes.
+        ``grid_storage="reference"``: the grid by reference (:func:`refer_grid`); this
+        instance remembers it, so it can reconstruct the item without a grid file."""
+        opts = _options(options)
+        tmpl = field_template(item, opts.metadata)
+        if opts.grid_storage == "embed":
+            return tmpl
+        if opts.grid_storage != "reference":
+            raise ValueError(f"grid_storage must be 'embed' or 'reference', got "
+                             f"{opts.grid_storage!r}")
+        tmpl, replaced = refer_grid(tmpl, item)
+        if replaced is not None:
+            self._known_grids[tmpl["grid_ref"]["sha256"]] = {
+                k: c["data"] for k, c in replaced.items()}
+        return tmpl
+
+    def resolve_grid(self, tmpl: dict, options: SphereOptions | None = None) -> dict:
+        """A checked template with its referenced grid filled in (unchanged without one):
+        from ``options.grid_file`` (checked by hash), else a grid this instance encoded;
+        else a one-line ValueError saying which grid file is needed."""
+        ref = tmpl.get("grid_ref")
+        if ref is None:
+            return tmpl
+        path = _options(options).grid_file
+        if path is not None:
+            key = (os.path.abspath(os.fspath(path)), ref["sha256"])
+            grid = self._grid_files.get(key)
+            if grid is None:
+                grid = read_grid_file(path, tmpl)
+                self._grid_files = {key: grid}  # one grid file at a time
+        elif ref["sha256"] in self._known_grids:
+            grid = self._known_grids[ref["sha256"]]
+        else:
+            raise ValueError(f"stream references {_grid_ref_text(ref)}; pass --grid-file FILE "
+                             "holding it")
+        return resolved_template(tmpl, grid)
 
     def n_values(self, signal: Signal) -> int:
         """Grid cells of the field, masked (land) cells included: the file's values."""
@@ -861,10 +1074,15 @@ class SphereModality(Modality):
         n = limits.check_output_values(math.prod(sizes), f"a {'x'.join(map(str, sizes))} field")
         tmpl = meta.get("template")
         check_template(tmpl, sizes, limit, native=True)
+        if "grid_ref" in tmpl and tmpl["grid_ref"]["kind"] != kind:
+            raise ValueError(f"template grid_ref is a {tmpl['grid_ref']['kind']} grid, the "
+                             f"item says {kind}")
+        path = _options(options).grid_file
         last = getattr(self, "_grid_checked", None)
-        if last is None or last[0] is not tmpl or last[1] != (kind, sizes):
-            _template_native_grid(tmpl, kind, sizes)
-            self._grid_checked = (tmpl, (kind, sizes))
+        if last is None or last[0] is not tmpl or last[1] != (kind, sizes, path):
+            # a referenced grid is read (and its hash checked) here, before any decoding
+            _template_native_grid(self.resolve_grid(tmpl, options), kind, sizes)
+            self._grid_checked = (tmpl, (kind, sizes, path))
         if "nan_mask" in meta:
             mask_bytes(meta["nan_mask"], sizes)
         resolution = _options(options).resolution
@@ -914,7 +1132,7 @@ class SphereModality(Modality):
 
         if template is None:
             self.check_meta(meta, options)  # a stream's meta: validated before any allocation
-            template = template_field(meta["template"])
+            template = template_field(self.resolve_grid(meta["template"], options))
         if "grid" in meta:
             out = self._native_reconstruct(meta, predict, _options(options).resolution,
                                            template)

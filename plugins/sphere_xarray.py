@@ -145,12 +145,15 @@ def _stack(stream: Any, modality: Any, options: Any
 
 def open_mscn(filename_or_obj: Any, *, drop_variables: str | Iterable[str] | None = None,
               checkpoint: Any = None, checkpoint_dirs: Iterable[str | os.PathLike] = (),
-              resolution: float | None = None) -> xr.Dataset:
+              resolution: float | None = None,
+              grid_file: str | os.PathLike | None = None) -> xr.Dataset:
     """A ``.mscn`` climate stream as a lazily decoded Dataset (see the module docstring).
 
     ``checkpoint``: a path (or loaded checkpoint); None finds it by the stream's hash in
     ``checkpoint_dirs``, ``MSCN_CHECKPOINTS`` and the shipped folders. ``resolution``:
     degrees of a new global grid to decode onto (the network is continuous).
+    ``grid_file``: the file holding the grid of a stream encoded with
+    ``grid_storage="reference"`` (checked by its hash, read when the stream is opened).
     """
     from mscn_core import bitstream as bs
     from mscn_core import pipeline
@@ -167,7 +170,8 @@ def open_mscn(filename_or_obj: Any, *, drop_variables: str | Iterable[str] | Non
                                 f"{stream.checkpoint_hash[:12]}, got {ck.sha256[:12]}")
     modality = get_modality(stream.modality)
     modality.load_state(ck.modality_state)
-    options = modality.options(resolution=resolution)
+    options = modality.options(resolution=resolution,
+                               grid_file=None if grid_file is None else os.fspath(grid_file))
     pipeline.quantizer(ck, stream.bits)  # the checkpoint has tables for these bits
     n_values = pipeline.check_items(stream, modality, ck.rep.code_size(), options)
     if not stream.items_meta:
@@ -225,16 +229,17 @@ class MscnBackendEntrypoint(BackendEntrypoint):
     description = "Lazily decode .mscn climate streams (meta-learned SIREN codec)"
     url = "https://github.com/mscn/mscn"
     open_dataset_parameters = ("filename_or_obj", "drop_variables", "checkpoint",
-                               "checkpoint_dirs", "resolution")
+                               "checkpoint_dirs", "resolution", "grid_file")
 
     def open_dataset(self, filename_or_obj: Any, *,
                      drop_variables: str | Iterable[str] | None = None,
                      checkpoint: Any = None,
                      checkpoint_dirs: Iterable[str | os.PathLike] = (),
-                     resolution: float | None = None) -> xr.Dataset:
+                     resolution: float | None = None,
+                     grid_file: str | os.PathLike | None = None) -> xr.Dataset:
         return open_mscn(filename_or_obj, drop_variables=drop_variables,
                          checkpoint=checkpoint, checkpoint_dirs=checkpoint_dirs,
-                         resolution=resolution)
+                         resolution=resolution, grid_file=grid_file)
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
         """The 4-byte magic (cheap, no torch); a path that cannot be read: its suffix."""
@@ -353,12 +358,14 @@ class MscnDatasetAccessor:
 
     def encode(self, path: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                bits: int = 6, var: str | Sequence[str] | None = None,
-               sel: dict | Sequence[str] | None = None, overwrite: bool = False) -> dict:
+               sel: dict | Sequence[str] | None = None, overwrite: bool = False,
+               grid_storage: str = "embed") -> dict:
         """Encode the fields into one stream at ``path`` (written atomically) and return
         the report ``mscn encode`` prints. ``checkpoint`` None: the shipped default climate
         checkpoint ``era5_t850.safetensors``, found through :mod:`mscn_core.catalog`
         (any readers will find it by hash). ``sel``: ``{"number": [8, 9]}`` or
-        ``["number=8,9"]``, as ``--sel``."""
+        ``["number=8,9"]``, as ``--sel``. ``grid_storage="reference"``: a curvilinear or
+        unstructured grid by reference, as ``--grid-storage`` (decode with ``grid_file=``)."""
         from mscn_core.atomic import save_bytes_atomic
         from mscn_core.pipeline import encode_items
         from mscn_datasets import climate
@@ -370,7 +377,8 @@ class MscnDatasetAccessor:
         for name in self._variables(var):
             da = climate.select_fields(self._ds, var=name, sel=sel).load()
             items.extend(climate.iter_fields(da))
-        data, rep = encode_items(ck, modality, items, bits=bits)
+        data, rep = encode_items(ck, modality, items, bits=bits,
+                                 options=modality.options(grid_storage=grid_storage))
         out = save_bytes_atomic(data, path, overwrite=overwrite)
         mean = {k: float(np.mean([m[k] for m in rep.metrics])) for k in rep.metrics[0]
                 if isinstance(rep.metrics[0][k], int | float)} if rep.metrics else {}
