@@ -151,8 +151,10 @@ def header_json(data: bytes) -> str:
     """The stream's header JSON (zlib-compressed in the file), for the record."""
     import zlib
 
+    from mscn_core.bitstream import HEADER_DICT
+
     n = int.from_bytes(data[6:10], "little")
-    return zlib.decompress(data[10:10 + n]).decode()
+    return zlib.decompressobj(zlib.MAX_WBITS, HEADER_DICT).decompress(data[10:10 + n]).decode()
 
 
 def moved_frame_check(ck, m, truth, bits: int, opts) -> dict:

@@ -106,13 +106,14 @@ def eval_signal(signal, seed: int = 0):
 
     from mscn_plugins.sdf import ShapeSignal
 
-    n_lat = int(signal.meta["n_lattice"])
+    n_lat = signal.n_lattice
     n_near = signal.n_points - n_lat
     pick = np.sort(np.random.default_rng(seed).choice(n_near, min(EVAL_NEAR, n_near),
                                                       replace=False)) + n_lat
     idx = torch.from_numpy(np.concatenate([np.arange(n_lat), pick]))
     return ShapeSignal(signal.coords[idx], signal.targets[idx], None, dict(signal.meta),
-                       truth=signal.truth)
+                       truth=signal.truth, metric_grid=signal.metric_grid,
+                       n_vertices=signal.n_vertices)
 
 
 def num(x) -> float:

@@ -104,6 +104,29 @@ class Intrinsics:
                    h, w)
 
 
+def short_float(x: float, tol: float) -> float | int:
+    """The shortest decimal within ``tol`` of ``x`` (an int when integral), so that JSON
+    writes ``1.1983091`` instead of ``1.1983090949058533``, ``0`` instead of ``-0.0``."""
+    x = float(x)
+    if not math.isfinite(x):
+        return x
+    for digits in range(1, 18):
+        y = float(f"{x:.{digits}g}")
+        if abs(y - x) <= tol:
+            break
+    else:
+        y = x
+    return int(y) if y.is_integer() and abs(y) < 2**53 else y
+
+
+def float32_short(x: float, scale: float = 0.0) -> float | int:
+    """``x`` at float32 precision: the shortest decimal within half a float32 ulp of
+    ``max(|x|, scale)`` (``scale``: the size the number is relative to, so that a
+    coordinate near zero gets no digits below the precision of its neighbours)."""
+    ref = max(abs(float(x)), float(scale))
+    return short_float(x, 0.5 * float(np.spacing(np.float32(ref))) if ref else 0.0)
+
+
 def gl_to_cv(c2w: np.ndarray) -> np.ndarray:
     """OpenGL/Blender camera-to-world → OpenCV/SRN (works on (..., 4, 4))."""
     return np.asarray(c2w, dtype=np.float64) @ CV_GL_FLIP

@@ -26,7 +26,6 @@ scored views rendered at their poses, their depth maps, an orbit of new views an
 
 from __future__ import annotations
 
-import base64
 import math
 import os
 from dataclasses import dataclass, field
@@ -113,30 +112,144 @@ def view_rays(pose: np.ndarray, intr: Intrinsics) -> np.ndarray:
     return np.concatenate([o, d], -1).reshape(-1, 6)
 
 
-def encode_poses(poses: np.ndarray) -> str:
-    """Camera-to-world poses → base64 of float32 (V, 3, 4): 64 characters per view."""
-    return base64.b64encode(np.asarray(poses, np.float32)[:, :3, :4].tobytes()).decode()
+# A pose is sent as its camera centre alone when the look-at camera at that centre (aimed
+# at the orbit's target, level with its up) is it to within this (world units, and
+# radians for the axes: 1e-4 of a pixel at SRN's focal length); else as 12 numbers.
+LOOK_AT_TOL = 1e-6
 
 
-def decode_poses(text: Any, n: int) -> np.ndarray:
-    """The inverse of :func:`encode_poses`, checked (stream metadata may be forged)."""
-    if not isinstance(text, str) or len(text) > 64 * MAX_VIEWS + 8:
-        raise ValueError("poses must be a base64 string of float32 3×4 matrices")
+MAX_COORD = 1e9  # |a pose or orbit number| above this is refused (no overflow downstream)
+
+
+def _bounded(x: Any, what: str) -> float:
+    v = limits.check_finite(x, what)
+    if abs(v) > MAX_COORD:
+        raise ValueError(f"{what} must be within ±{MAX_COORD:g}, got {v:g}")
+    return v
+
+
+def _f32(x: float, scale: float = 0.0) -> float | int:
+    return scenes.float32_short(x, scale)
+
+
+def encode_poses(poses: np.ndarray, target: Any, up: Any) -> list[float | int]:
+    """Camera-to-world poses → a flat list of numbers at float32 precision (what the old
+    base64 of float32 held, in fewer bytes): 3 per view (the camera centre) when every
+    pose is the look-at camera of its centre towards ``target`` with ``up`` up (SRN's and
+    NeRF-synthetic's cameras are; the orbit's target and up are such a point and axis),
+    else the 12 numbers of each 3×4 matrix, row by row. :func:`decode_poses` inverts it;
+    ``target`` and ``up`` must be the values the decoder reads (after JSON)."""
+    poses = np.asarray(poses, np.float64)
+    scale = float(np.abs(poses[:, :3, 3]).max(initial=0.0))
+    centres = [[_f32(x, scale) for x in p[:3, 3]] for p in poses]
     try:
-        raw = base64.b64decode(text.encode(), validate=True)
+        again = decode_poses([x for c in centres for x in c], len(poses), target, up)
+        if np.abs(again[:, :3, :4] - poses[:, :3, :4]).max(initial=0.0) <= LOOK_AT_TOL:
+            return [x for c in centres for x in c]
     except ValueError:
-        raise ValueError("poses are not valid base64") from None
-    if len(raw) != 48 * n:
-        raise ValueError(f"poses hold {len(raw)} bytes, {n} views need {48 * n}")
-    m = np.frombuffer(raw, np.float32).reshape(n, 3, 4).astype(np.float64)
+        pass
+    return [_f32(x, 1.0 if k % 4 < 3 else scale)  # rotation entries are in [-1, 1]
+            for p in poses for k, x in enumerate(p[:3, :4].reshape(-1))]
+
+
+def decode_poses(values: Any, n: int, target: Any, up: Any) -> np.ndarray:
+    """The inverse of :func:`encode_poses`, checked (stream metadata may be forged): ``n``
+    poses (4×4) from 3 or 12 numbers per view."""
+    if not isinstance(values, list) or len(values) not in (3 * n, 12 * n):
+        raise ValueError(f"poses must be 3 (a look-at camera's centre) or 12 (a 3×4 pose) "
+                         f"numbers per view, {n} views; got "
+                         f"{len(values) if isinstance(values, list) else type(values).__name__}")
+    v = np.array([_bounded(x, "a pose entry") for x in values], np.float64)
     out = np.tile(np.eye(4), (n, 1, 1))
-    out[:, :3, :4] = m
-    for k in range(n):
+    if len(values) == 12 * n:
+        out[:, :3, :4] = v.reshape(n, 3, 4)
+        for k in range(n):
+            try:
+                scenes.check_rigid(out[k], f"pose {k}")
+            except SceneDataError as err:
+                raise ValueError(str(err)) from None
+        return out
+    t = np.asarray(target, np.float64)
+    for k, c in enumerate(v.reshape(n, 3)):
+        if not np.linalg.norm(c - t) > 1e-9:
+            raise ValueError(f"pose {k}: a look-at camera at the orbit target has no direction")
+        with np.errstate(all="ignore"):  # overflowing numbers: refused just below
+            out[k] = scenes.look_at(c, t, up)
         try:
             scenes.check_rigid(out[k], f"pose {k}")
         except SceneDataError as err:
             raise ValueError(str(err)) from None
     return out
+
+
+def encode_intrinsics(intr: Intrinsics) -> list[float | int]:
+    """``[height, width, fx]`` for square pixels centred on the image (SRN, NeRF-synthetic),
+    ``[height, width, fx, fy]`` when centred, else ``[height, width, fx, fy, cx, cy]``;
+    float32 precision (rays are computed in float32)."""
+    out = [intr.height, intr.width, _f32(intr.fx)]
+    if intr.cx == intr.width / 2 and intr.cy == intr.height / 2:
+        return out if intr.fy == intr.fx else out + [_f32(intr.fy)]
+    return out + [_f32(intr.fy), _f32(intr.cx, intr.width), _f32(intr.cy, intr.height)]
+
+
+def decode_intrinsics(v: Any) -> Intrinsics:
+    """The inverse of :func:`encode_intrinsics`, checked as :meth:`Intrinsics.from_dict`."""
+    if not isinstance(v, list) or len(v) not in (3, 4, 6):
+        raise ValueError("intrinsics must be [height, width, fx], [height, width, fx, fy] "
+                         "or [height, width, fx, fy, cx, cy]")
+    h, w, fx = v[:3]
+    fy = v[3] if len(v) > 3 else fx
+    cx, cy = (v[4], v[5]) if len(v) == 6 else (
+        (w / 2, h / 2) if isinstance(w, int) and isinstance(h, int) else (0.0, 0.0))
+    return Intrinsics.from_dict({"fx": fx, "fy": fy, "cx": cx, "cy": cy, "height": h,
+                                 "width": w})
+
+
+def view_layout(meta: dict) -> tuple[Intrinsics, list[int], list[int], bool]:
+    """(intrinsics, context view ids, scored view ids, held out?) of an item's meta: the
+    scored views are ``views``; ``context`` is there when they were held out, else the
+    scored views were the context views."""
+    intr = decode_intrinsics(meta.get("intrinsics"))
+    scored = meta.get("views")
+    if not isinstance(scored, list) or not 1 <= len(scored) <= MAX_VIEWS:
+        raise ValueError(f"views must be a list of 1..{MAX_VIEWS} view ids")
+    scored = [limits.check_count(v, "a view id", 0, 10**9) for v in scored]
+    if "context" not in meta:
+        return intr, scored, scored, False
+    ctx = meta["context"]
+    if not isinstance(ctx, list) or not 1 <= len(ctx) <= MAX_VIEWS:
+        raise ValueError(f"context must be a list of 1..{MAX_VIEWS} view ids")
+    return intr, [limits.check_count(v, "a view id", 0, 10**9) for v in ctx], scored, True
+
+
+ORBIT_FIELDS = ("target", "up", "start", "radius", "elevation")
+
+
+def encode_orbit(orbit: dict) -> list[float | int]:
+    """:func:`orbit_frame`'s dict as 11 numbers: target, up, start (3 each), radius,
+    elevation (their 6 and 4 decimals, shortest form)."""
+    return [_f32(x) for k in ORBIT_FIELDS for x in np.atleast_1d(orbit[k])]
+
+
+def decode_orbit(v: Any) -> dict:
+    """The inverse of :func:`encode_orbit`, checked."""
+    if not isinstance(v, list) or len(v) != 11:
+        raise ValueError("orbit must be 11 numbers: target, up, start (3 each), radius, "
+                         "elevation")
+    x = [_bounded(a, "an orbit number") for a in v]
+    orbit = {"target": x[0:3], "up": x[3:6], "start": x[6:9], "radius": x[9],
+             "elevation": x[10]}
+    if not orbit["radius"] > 0 or np.linalg.norm(orbit["up"]) < 1e-6:
+        raise ValueError("orbit needs a positive radius and a non-zero up vector")
+    return orbit
+
+
+def _check_layout(meta: dict) -> None:
+    """Streams of the first header layout (base64 poses, object intrinsics and orbit)
+    are refused in one line rather than misread."""
+    if isinstance(meta.get("intrinsics"), dict) or "scored_views" in meta:
+        raise ValueError("this nerf stream has the earlier header layout (base64 poses); "
+                         "re-encode the scene with this version of mscn")
 
 
 def world_up(poses: np.ndarray) -> np.ndarray:
@@ -181,12 +294,6 @@ def orbit_frame(poses: np.ndarray, near: float, far: float) -> dict:
     return {"target": [round(float(x), 6) for x in target],
             "up": [round(float(x), 6) for x in up], "radius": round(radius, 6),
             "elevation": round(el, 4), "start": [round(float(x), 6) for x in rel[0]]}
-
-
-def _finite_list(v: Any, n: int, what: str) -> list[float]:
-    if not isinstance(v, list) or len(v) != n:
-        raise ValueError(f"{what} must be a list of {n} numbers")
-    return [limits.check_finite(x, what) for x in v]
 
 
 # -- the modality -----------------------------------------------------------------------
@@ -277,7 +384,15 @@ class NerfModality(Modality):
                                  "all views)")
         return ctx, novel
 
+    def _orbit(self, item: Scene, ctx: list[int]) -> dict:
+        cfg = self.render_cfg
+        return orbit_frame(item.poses[[item.index(v) for v in ctx]], cfg["near"], cfg["far"])
+
     def to_signal(self, item: Scene, options: NerfOptions | None = None) -> SceneSignal:
+        """Rays of the context views, then the held-out ones. ``meta`` is what a stream
+        carries: ``name``, ``intrinsics`` (:func:`encode_intrinsics`), the scored
+        ``views``, ``context`` (only when they are held out) and ``orbit``
+        (:func:`encode_orbit`); the scored views' poses are the item's template."""
         import torch
 
         o = _opts(options)
@@ -291,30 +406,28 @@ class NerfModality(Modality):
         hw = intr.height * intr.width
         mask = torch.zeros(len(rays), dtype=torch.bool)
         mask[: len(ctx) * hw] = True
-        scored = novel or ctx
-        cfg = self.render_cfg
-        meta = {"name": item.name, "intrinsics": intr.as_dict(), "context_views": ctx,
-                "scored_views": scored, "heldout": bool(novel),
-                "orbit": orbit_frame(item.poses[[item.index(v) for v in ctx]], cfg["near"],
-                                     cfg["far"])}
+        meta = {"name": item.name, "intrinsics": encode_intrinsics(intr),
+                "views": novel or ctx, **({"context": ctx} if novel else {}),
+                "orbit": encode_orbit(self._orbit(item, ctx))}
         return SceneSignal(torch.from_numpy(rays), torch.from_numpy(rgb), mask, meta,
                            views_per_step=o.views_per_step, ssim=o.ssim)
 
     def item_template(self, item: Scene, options: NerfOptions | None = None) -> dict:
-        """The poses of the scored views (64 bytes each), so a decoder renders them."""
+        """The poses of the scored views (:func:`encode_poses`: 3 or 12 numbers each),
+        so a decoder renders them."""
         o = _opts(options)
         ctx, novel = self.split_views(item, o)
-        scored = novel or ctx
-        return {"poses": encode_poses(item.poses[[item.index(v) for v in scored]])}
+        orbit = decode_orbit(encode_orbit(self._orbit(item, ctx)))  # as the decoder reads it
+        return {"poses": encode_poses(item.poses[[item.index(v) for v in novel or ctx]],
+                                      orbit["target"], orbit["up"])}
 
     def sample(self, signal: Signal, n: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
         """V context views (without replacement), ``n / V`` uniform rays from each."""
         import torch
 
-        intr = signal.meta["intrinsics"]
-        hw = intr["height"] * intr["width"]
-        n_ctx = len(signal.meta["context_views"])
+        intr, ctx, _, _ = view_layout(signal.meta)
+        hw, n_ctx = intr.height * intr.width, len(ctx)
         v = max(1, min(getattr(signal, "views_per_step", 8), n_ctx, n))
         views = torch.randperm(n_ctx, generator=generator)[:v]
         counts = [n // v + (1 if k < n % v else 0) for k in range(v)]
@@ -380,20 +493,18 @@ class NerfModality(Modality):
     # -- numbers ---------------------------------------------------------------------------
     def n_values(self, signal: Signal) -> int:
         """Context pixels: bits per value are bits per pixel of the views adapted on."""
-        intr = signal.meta["intrinsics"]
-        return len(signal.meta["context_views"]) * intr["height"] * intr["width"]
+        intr, ctx, _, _ = view_layout(signal.meta)
+        return len(ctx) * intr.height * intr.width
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
         """Mean per-view PSNR (and SSIM) of the scored views (held-out ones when the
         scene has them, colours clipped to [0, 1]); PSNR of the context views too."""
-        intr = signal.meta["intrinsics"]
-        h, w = intr["height"], intr["width"]
-        n_ctx = len(signal.meta["context_views"])
+        intr, ctx, _, heldout = view_layout(signal.meta)
+        h, w, n_ctx = intr.height, intr.width, len(ctx)
         p = pred[..., :3].detach().clamp(0, 1).double().reshape(-1, h, w, 3)
         t = signal.targets.double().reshape(-1, h, w, 3)
         mse = ((p - t) ** 2).mean(dim=(1, 2, 3))
         psnr = [-10 * math.log10(max(float(m), 1e-20)) for m in mse]
-        heldout = bool(signal.meta["heldout"])
         scored = list(range(n_ctx, len(psnr))) if heldout else list(range(n_ctx))
         out = {"psnr": float(np.mean([psnr[i] for i in scored])),
                "psnr_context": float(np.mean(psnr[:n_ctx])),
@@ -410,36 +521,21 @@ class NerfModality(Modality):
     # -- artifacts -------------------------------------------------------------------------
     def check_meta(self, meta: dict, options: NerfOptions | None = None) -> int:
         """Name, intrinsics, view ids, poses and orbit as a stream states them; returns
-        the values the rendering will have (RGB + depth per pixel)."""
+        the values the rendering will have (RGB + depth per pixel).
+
+        The layout is :meth:`to_signal`'s (compact lists). Streams written with the first
+        layout (object intrinsics and orbit, ``scored_views``, base64 float32 poses) are
+        refused with one line asking to re-encode: no such stream was published."""
         o = _opts(options)
+        _check_layout(meta)
         if not isinstance(meta.get("name"), str) or not meta["name"]:
             raise ValueError("name must be a non-empty string")
-        intr = Intrinsics.from_dict(meta.get("intrinsics"))
-        ids = meta.get("scored_views")
-        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_VIEWS:
-            raise ValueError(f"scored_views must be a list of 1..{MAX_VIEWS} view ids")
-        for v in ids:
-            limits.check_count(v, "a view id", 0, 10**9)
-        ctx = meta.get("context_views")
-        if not isinstance(ctx, list) or len(ctx) > MAX_VIEWS:
-            raise ValueError(f"context_views must be a list of at most {MAX_VIEWS} view ids")
-        for v in ctx:
-            limits.check_count(v, "a view id", 0, 10**9)
-        if not isinstance(meta.get("heldout"), bool):
-            raise ValueError("heldout must be true or false")
+        intr, _, ids, _ = view_layout(meta)
+        orbit = decode_orbit(meta.get("orbit"))
         template = meta.get("template")
         if not isinstance(template, dict):
             raise ValueError("template must be an object")
-        decode_poses(template.get("poses"), len(ids))
-        orbit = meta.get("orbit")
-        if not isinstance(orbit, dict):
-            raise ValueError("orbit must be an object")
-        for key in ("target", "up", "start"):
-            _finite_list(orbit.get(key), 3, f"orbit {key}")
-        for key in ("radius", "elevation"):
-            limits.check_finite(orbit.get(key), f"orbit {key}")
-        if not orbit["radius"] > 0 or np.linalg.norm(orbit["up"]) < 1e-6:
-            raise ValueError("orbit needs a positive radius and a non-zero up vector")
+        decode_poses(template.get("poses"), len(ids), orbit["target"], orbit["up"])
         n_orbit = limits.check_count(o.orbit_views, "orbit_views", 0, MAX_VIEWS)
         side = limits.check_count(o.orbit_size or intr.height, "orbit_size", 1,
                                   scenes.MAX_SIDE)
@@ -453,18 +549,16 @@ class NerfModality(Modality):
         o = _opts(options)
         if template is None:
             self.check_meta(meta, options)
-            poses = decode_poses(meta["template"]["poses"], len(meta["scored_views"]))
+        intr, ctx, ids, heldout = view_layout(meta)
+        orb = decode_orbit(meta["orbit"])
+        if template is None:
+            poses = decode_poses(meta["template"]["poses"], len(ids), orb["target"], orb["up"])
         else:
-            poses = template.poses[[template.index(v) for v in meta["scored_views"]]]
-        intr = Intrinsics.from_dict(meta["intrinsics"])
-        ids = [int(v) for v in meta["scored_views"]]
+            poses = template.poses[[template.index(v) for v in ids]]
         images, depths = self.render_views(predict, poses, intr)
-        orb = meta["orbit"]
         elevation = o.orbit_elevation if o.orbit_elevation is not None else orb["elevation"]
-        info = {"kind": "mscn nerf rendering", "scene": meta["name"],
-                "context_views": [int(v) for v in meta["context_views"]],
-                "scored_views": ids, "heldout": bool(meta["heldout"]),
-                "render": dict(self.render_cfg)}
+        info = {"kind": "mscn nerf rendering", "scene": meta["name"], "context_views": ctx,
+                "scored_views": ids, "heldout": heldout, "render": dict(self.render_cfg)}
         orbit = None
         if o.orbit_views > 0:
             side = o.orbit_size or intr.height

@@ -85,10 +85,18 @@ def _opts(options: SdfOptions | None) -> SdfOptions:
 class ShapeSignal(Signal):
     """A Signal that also keeps its ground-truth mesh (unit frame) for the metrics.
 
-    The mesh is never transmitted: only ``meta`` goes into a stream.
+    Only ``meta`` goes into a stream (name and frame: what the decoder needs). The rest
+    is the encoder's: the mesh, the metric lattice's side (its ``metric_grid``³ points
+    come first in ``coords``) and the input's vertex count (``n_values``).
     """
 
     truth: Any = None
+    metric_grid: int = 0
+    n_vertices: int = 0
+
+    @property
+    def n_lattice(self) -> int:
+        return self.metric_grid**3
 
 
 def _no_surface(path: str | os.PathLike) -> Exception:
@@ -186,19 +194,18 @@ class SdfModality(Modality):
         near, near_sdf = meshes.sdf_samples(item.mesh, o.near_samples, 0, rng)
         pts = np.concatenate([lattice, near]).astype(np.float32)
         sdf = np.concatenate([meshes.signed_distance(item.mesh, lattice), near_sdf])
-        meta = {"name": item.name, "frame": item.frame.as_dict(),
-                "n_lattice": int(len(lattice)), "metric_grid": o.metric_grid,
-                "n_vertices": int(len(item.mesh.vertices))}
+        meta = {"name": item.name, "frame": item.frame.as_list()}
         return ShapeSignal(torch.from_numpy(NET_SCALE * pts),
                            torch.from_numpy(NET_SCALE * sdf.astype(np.float32)).reshape(-1, 1),
-                           None, meta, truth=item.mesh)
+                           None, meta, truth=item.mesh, metric_grid=int(o.metric_grid),
+                           n_vertices=int(len(item.mesh.vertices)))
 
     def sample(self, signal: Signal, n: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
         """``uniform_fraction`` from the lattice, the rest from the near-surface pool."""
         import torch
 
-        n_lat = int(signal.meta["n_lattice"])
+        n_lat = signal.n_lattice
         n_near = signal.n_points - n_lat
         k = n if n_near == 0 else int(round(self.loss["uniform_fraction"] * n))
         pick = torch.cat([torch.randint(n_lat, (k,), generator=generator),
@@ -247,7 +254,7 @@ class SdfModality(Modality):
 
     def n_values(self, signal: Signal) -> int:
         """Vertices of the input mesh: bits per value are bits per vertex (mesh codecs' unit)."""
-        return int(signal.meta["n_vertices"])
+        return signal.n_vertices
 
     def metrics(self, signal: Signal, pred: Tensor) -> dict[str, float]:
         """Chamfer-L1, normal consistency, F-score@1 % of the lattice's marching-cubes mesh
@@ -255,7 +262,7 @@ class SdfModality(Modality):
         the surface (unit-cube units)."""
         from mscn_datasets import meshes, shape_metrics
 
-        n_lat, g = int(signal.meta["n_lattice"]), int(signal.meta["metric_grid"])
+        n_lat, g = signal.n_lattice, signal.metric_grid
         p = pred.detach().reshape(-1).double().numpy() / NET_SCALE
         t = signal.targets.reshape(-1).double().numpy() / NET_SCALE
         out = {"iou": shape_metrics.volumetric_iou(p[:n_lat] < 0, t[:n_lat] < 0),
@@ -270,12 +277,17 @@ class SdfModality(Modality):
     # -- artifacts --------------------------------------------------------------------
     def check_meta(self, meta: dict, options: SdfOptions | None = None) -> int:
         """Name and frame as :meth:`reconstruct` uses them; the values are the
-        ``resolution``³ lattice queried for marching cubes."""
+        ``resolution``³ lattice queried for marching cubes.
+
+        The frame is ``[cx, cy, cz, scale]`` (float32 precision, see
+        ``meshes.Frame.as_list``); streams written before that layout (a
+        ``{"center", "scale"}`` object, and the encoder-only ``n_lattice``,
+        ``metric_grid``, ``n_vertices`` that are now ignored) still decode."""
         from mscn_datasets import meshes
 
         if not isinstance(meta.get("name"), str):
             raise ValueError(f"name must be a string, got {type(meta.get('name')).__name__}")
-        meshes.Frame.from_dict(meta.get("frame"))
+        meshes.Frame.from_meta(meta.get("frame"))
         n = limits.check_count(_opts(options).resolution, "resolution", 8)
         return limits.check_output_values(n**3, f"a {n}^3 lattice")
 
@@ -294,7 +306,7 @@ class SdfModality(Modality):
         lattice = torch.from_numpy(NET_SCALE * meshes.grid_points(n, BOUND, centres=False))
         values = predict(lattice).reshape(n, n, n).double().numpy() / NET_SCALE
         mesh = meshes.marching_cubes(values, 0.0, BOUND)
-        frame = template.frame if template is not None else meshes.Frame.from_dict(meta["frame"])
+        frame = template.frame if template is not None else meshes.Frame.from_meta(meta["frame"])
         return meshes.Shape(name=meta["name"], source="mscn reconstruction", frame=frame,
                             mesh=mesh, occupancy=None, watertight=bool(mesh.is_watertight))
 

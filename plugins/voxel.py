@@ -274,7 +274,7 @@ class VoxelModality(Modality):
         if not occ.any():
             raise ValueError(f"{item.name}: the occupancy grid is empty")
         pts = meshes.grid_points(r, 0.5, centres=True)
-        meta = {"name": item.name, "frame": item.frame.as_dict(), "resolution": r}
+        meta = {"name": item.name, "frame": item.frame.as_list(), "resolution": r}
         return Signal(torch.from_numpy(NET_SCALE * pts),
                       torch.from_numpy(occ.reshape(-1, 1).astype(np.float32)), None, meta)
 
@@ -316,12 +316,16 @@ class VoxelModality(Modality):
     # -- artifacts --------------------------------------------------------------------
     def check_meta(self, meta: dict, options: VoxelOptions | None = None) -> int:
         """Name, frame and grid resolution as :meth:`reconstruct` uses them; the values
-        are the voxels of the output grid (``output_resolution`` or the item's)."""
+        are the voxels of the output grid (``output_resolution`` or the item's).
+
+        The frame is ``[cx, cy, cz, scale]`` (float32 precision, see
+        ``meshes.Frame.as_list``); streams written before that layout (a
+        ``{"center", "scale"}`` object) still decode."""
         from mscn_datasets import meshes
 
         if not isinstance(meta.get("name"), str):
             raise ValueError(f"name must be a string, got {type(meta.get('name')).__name__}")
-        meshes.Frame.from_dict(meta.get("frame"))
+        meshes.Frame.from_meta(meta.get("frame"))
         r = limits.check_count(meta.get("resolution"), "resolution", 2, MAX_RESOLUTION)
         out = _opts(options).output_resolution
         r = limits.check_count(out, "output resolution", 2) if out else r  # as reconstruct
@@ -343,7 +347,7 @@ class VoxelModality(Modality):
         prob = torch.sigmoid(LOGIT_SCALE * (predict(pts).reshape(r, r, r) - 0.5))
         prob = prob.double().numpy()
         mesh = meshes.marching_cubes(prob, 0.5, 0.5 - 0.5 / r, inside_negative=False)
-        frame = template.frame if template is not None else meshes.Frame.from_dict(meta["frame"])
+        frame = template.frame if template is not None else meshes.Frame.from_meta(meta["frame"])
         return meshes.Shape(name=meta["name"], source="mscn reconstruction", frame=frame,
                             mesh=mesh, occupancy=prob > 0.5, watertight=bool(mesh.is_watertight))
 

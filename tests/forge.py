@@ -3,7 +3,9 @@
 A checksum proves nothing against a forger, so tests (and the fuzzer) build hostile
 streams this way: :func:`parse` a real stream, change its header dict or payloads, and
 :func:`seal` it again. Deliberately independent of ``mscn_core.bitstream`` (only the
-documented layout), so a reader bug cannot hide in a shared helper.
+documented layout), so a reader bug cannot hide in a shared helper. The one thing taken
+from it is data: the preset dictionary real headers are deflated with (:func:`seal`
+writes plain zlib, which readers accept too).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import struct
 import zlib
 from collections.abc import Callable
+
+from mscn_core.bitstream import HEADER_DICT
 
 MAGIC = b"MSCN"
 VERSION = 1
@@ -25,7 +29,8 @@ Mutator = Callable[[dict, list[bytes]], "bytes | None"]
 def parse(data: bytes) -> tuple[dict, list[bytes]]:
     """The header dict and the payloads of a *valid* stream (no checks: test input)."""
     _, _, header_len = _PREFIX.unpack_from(data, 0)
-    header = json.loads(zlib.decompress(data[_PREFIX.size:_PREFIX.size + header_len]))
+    d = zlib.decompressobj(zlib.MAX_WBITS, HEADER_DICT)  # unused by a header without FDICT
+    header = json.loads(d.decompress(data[_PREFIX.size:_PREFIX.size + header_len]))
     payloads, off = [], _PREFIX.size + header_len
     for n in header["payload_lengths"]:
         payloads.append(bytes(data[off:off + n]))

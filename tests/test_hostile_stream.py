@@ -111,6 +111,38 @@ def test_check_meta_accepts_real_sphere_items_and_counts_their_output(sphere, er
     assert unpack_mask(mask, (90, 180)).sum() == item(parse(coads)[0])["n_masked"]
 
 
+def test_headers_use_the_preset_dictionary_and_plain_zlib_still_reads(era5):
+    """Writers deflate the header with HEADER_DICT (zlib FDICT + its Adler-32); a header
+    without a dictionary (as written before, or by forge.seal) reads the same; a header
+    naming a dictionary this build lacks, or bomb-sized with the dictionary, is one line."""
+    from mscn_core.bitstream import HEADER_DICT, HEADER_DICTS
+
+    n = int.from_bytes(era5[6:10], "little")
+    raw = era5[10:10 + n]
+    assert raw[1] & 0x20 and int.from_bytes(raw[2:6], "big") == zlib.adler32(HEADER_DICT)
+    assert list(HEADER_DICTS) == [0x5370986E]  # frozen: every stream names it
+    header, payloads = parse(era5)
+    plain = read_bitstream(seal(header, payloads))
+    assert plain.items_meta == read_bitstream(era5).items_meta
+    smaller = len(zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":"))
+                                .encode(), 9))
+    assert n < smaller - 50  # the dictionary's point
+    other = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, b'{"x":1}')
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    packed = other.compress(text) + other.flush()
+    body = b"MSCN" + era5[4:6] + len(packed).to_bytes(4, "little") + packed + b"".join(payloads)
+    forged = body + zlib.crc32(body).to_bytes(4, "little")
+    with pytest.raises(BitstreamError, match="^malformed header: not zlib-compressed JSON "
+                                             r"\(header is not zlib data \(it needs preset "
+                                             "dictionary"):
+        read_bitstream(forged)
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICT)
+    packed = bomb.compress(b" " * (64 << 20)) + bomb.flush()
+    body = b"MSCN" + era5[4:6] + len(packed).to_bytes(4, "little") + packed + b"".join(payloads)
+    with pytest.raises(BitstreamError, match="^malformed header: it inflates beyond"):
+        read_bitstream(body + zlib.crc32(body).to_bytes(4, "little"))
+
+
 def test_non_finite_metadata_values_still_read(ck, era5):
     """Python's json writes NaN/Infinity tokens; msgspec's parser would refuse them, so
     the header is parsed by json and only validated by msgspec."""
@@ -389,9 +421,13 @@ def test_sdf_and_voxel_check_meta_accept_real_items_and_refuse_forged_ones():
         for m, base, o in ((sdf, meta, opts), (vox, vmeta, vopts)):
             with pytest.raises(ValueError, match=message):
                 m.check_meta({**base, key: value}, o)
+    assert isinstance(meta["frame"], list) and len(meta["frame"]) == 4  # [cx, cy, cz, scale]
+    old = {**meta, "frame": {"center": meta["frame"][:3], "scale": meta["frame"][3]}}
+    assert sdf.check_meta(old, opts) == 32**3  # the earlier layout still decodes
     for frame in ({"center": [0, 0, float("nan")], "scale": 1}, {"center": [0, 0, 0]},
                   {"center": [0, 0, 0], "scale": -2.0}, {"center": [0, 0, 0], "scale": "1"},
-                  [0, 0, 0]):
+                  [0, 0, 0], [0, 0, 0, 0], [0, 0, "0", 1], [0, 0, float("inf"), 1],
+                  [0, 0, 0, 1, 1], [[0, 0, 0], 1]):
         with pytest.raises(ValueError, match="^frame "):
             sdf.check_meta({**meta, "frame": frame}, opts)
     for res, message in ((5000, r"resolution must be in \[2, 1,024\], got 5,000"),
@@ -412,6 +448,8 @@ def test_sdf_and_voxel_check_meta_accept_real_items_and_refuse_forged_ones():
     ("sdf", SdfOptions(resolution=32, metric_grid=16, near_samples=2000),
      ("frame", {"center": [0, 0, 0], "scale": float("nan")}),
      r"^item 0: frame scale must be a positive finite number, got nan$"),
+    ("voxel", VoxelOptions(resolution=16), ("frame", [0, 0, 0, -1.0]),
+     r"^item 0: frame scale must be a positive finite number, got -1.0$"),
     ("voxel", VoxelOptions(resolution=16), ("resolution", 5000),
      r"^item 0: resolution must be in \[2, 1,024\], got 5,000$"),
 ])

@@ -24,7 +24,7 @@ from mscn_core.registry import get_modality
 from mscn_core.signals import whole_signal
 from mscn_core.testing import assert_modality
 from mscn_datasets import scenes
-from mscn_plugins.nerf import NerfModality, NerfOptions, encode_poses, view_rays
+from mscn_plugins.nerf import NerfModality, NerfOptions, encode_poses, view_layout, view_rays
 
 VENDORED = Path(scenes.__file__).resolve().parent / "data" / "scenes"
 TRAIN, VAL, TEST = VENDORED / "train", VENDORED / "val", VENDORED / "test"
@@ -148,7 +148,7 @@ def test_only_context_rays_are_sampled_and_held_out_views_are_scored():
     o = NerfOptions(size=16, samples=8)
     (cow,) = m.read(COW, o)
     s = m.to_signal(cow, o)
-    assert s.meta["context_views"] == [63] and s.meta["scored_views"] == [23, 55, 82, 119]
+    assert view_layout(s.meta)[1:] == ([63], [23, 55, 82, 119], True)
     hw = 16 * 16
     assert s.coords.shape == (5 * hw, 6) and int(s.mask.sum()) == hw and bool(s.mask[:hw].all())
     assert m.n_values(s) == hw  # bits per value count the context pixels
@@ -161,14 +161,15 @@ def test_only_context_rays_are_sampled_and_held_out_views_are_scored():
     # a training scene: all 50 views are context; a step draws V = 8 views, n/V rays each
     (bull,) = m.read(TRAIN / "bull", o)
     t = m.to_signal(bull, o)
-    assert len(t.meta["context_views"]) == 50 and not t.meta["heldout"]
+    _, ctx, scored, heldout = view_layout(t.meta)
+    assert len(ctx) == 50 and scored == ctx and not heldout and "context" not in t.meta
     coords, _, _ = m.sample(t, 800, torch.Generator().manual_seed(0))
     centres, counts = torch.unique(coords[:, :3].round(decimals=4), dim=0, return_counts=True)
     assert len(centres) == 8 and set(counts.tolist()) == {100}
     # functa's second protocol: context 63 and 127
     o2 = NerfOptions(size=16, context_views=[63, 127])
     s2 = m.to_signal(cow, o2)
-    assert s2.meta["context_views"] == [63, 127] and m.n_values(s2) == 2 * hw
+    assert view_layout(s2.meta)[1] == [63, 127] and m.n_values(s2) == 2 * hw
     with pytest.raises(ValueError, match="missing"):
         m.to_signal(bull, NerfOptions(protocol="heldout"))
 
@@ -275,21 +276,56 @@ def test_forged_stream_metadata_is_refused_before_rendering():
         *keys, last = path.split(".")
         d = meta
         for k in keys:
-            d = d[k]
-        d[last] = value
+            d = d[int(k)] if isinstance(d, list) else d[k]
+        d[int(last) if isinstance(d, list) else last] = value
         return meta
 
-    cases = {"template.poses": ("AAAA", "poses hold"),
-             "intrinsics.height": (10**6, "height"),
-             "intrinsics.fx": (float("nan"), "fx"),
-             "scored_views": (list(range(5000)), "scored_views"),
-             "orbit.radius": (0.0, "radius"),
-             "orbit.up": ([0, 0, 0], "up"),
-             "heldout": ("yes", "heldout"),
+    cases = {"template.poses": ("AAAA", "poses must be 3"),
+             "intrinsics.0": (10**6, "height"),
+             "intrinsics.2": (float("nan"), "fx"),
+             "intrinsics": ([64, 64], "intrinsics must be"),
+             "views": (list(range(5000)), "views"),
+             "context": ("63", "context"),
+             "orbit.9": (0.0, "radius"),
+             "orbit.4": (0, "up"),
+             "orbit.0": (float("inf"), "orbit"),
              "name": (7, "name")}
     for path, (value, word) in cases.items():
         with pytest.raises(ValueError, match=word):
             m.check_meta(forged(path, value), o)
     scaled = np.tile(np.diag([2.0, 2, 2, 1]), (4, 1, 1))  # not a rigid pose
+    scaled[:, :3, 3] = [0.0, 0.0, 1.3]
+    assert len(encode_poses(scaled, [0, 0, 0], [0, 1, 0])) == 4 * 12
     with pytest.raises(ValueError, match="not a rigid"):
-        m.check_meta(forged("template.poses", encode_poses(scaled)), o)
+        m.check_meta(forged("template.poses", encode_poses(scaled, [0, 0, 0], [0, 1, 0])), o)
+    # a look-at camera at the target has no direction
+    with pytest.raises(ValueError, match="no direction"):
+        m.check_meta(forged("template.poses", [0] * 12), o)
+    # streams of the first layout are refused in one line, not misread
+    old = dict(good, intrinsics={"fx": 16.4, "fy": 16.4, "cx": 8.0, "cy": 8.0, "height": 16,
+                                 "width": 16}, scored_views=[23, 55, 82, 119])
+    with pytest.raises(ValueError, match="earlier header layout"):
+        m.check_meta(old, o)
+
+
+def test_scored_poses_travel_as_camera_centres_and_decode_to_the_same_poses():
+    """SRN cameras are look-at cameras of the orbit's target: 3 numbers per view at
+    float32 precision (the base64 of float32 3×4 matrices was 48 bytes), decoding to the
+    file's poses within 1e-7; a rolled camera falls back to its 12 numbers."""
+    from mscn_plugins.nerf import decode_orbit, decode_poses
+
+    m = get_modality("nerf")
+    (cow,) = m.read(COW)
+    s, t = m.to_signal(cow), m.item_template(cow)
+    meta = json.loads(json.dumps(dict(s.meta, template=t)))
+    assert meta["intrinsics"] == [64, 64, 65.625] and len(meta["orbit"]) == 11
+    assert len(meta["template"]["poses"]) == 4 * 3
+    orbit = decode_orbit(meta["orbit"])
+    poses = decode_poses(meta["template"]["poses"], 4, orbit["target"], orbit["up"])
+    truth = cow.poses[[cow.index(v) for v in (23, 55, 82, 119)]]
+    assert np.abs(poses - truth).max() < 1e-7
+    rolled = truth.copy()
+    rolled[0, :3, :3] = rolled[0, :3, :3] @ np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
+    flat = encode_poses(rolled, orbit["target"], orbit["up"])
+    assert len(flat) == 4 * 12
+    assert np.abs(decode_poses(flat, 4, orbit["target"], orbit["up"]) - rolled).max() < 1e-7

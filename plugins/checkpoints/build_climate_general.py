@@ -11,6 +11,12 @@ sets of bench/sphere_vs_sh.py (ERA5 2017-01-01, COADS Jan-Mar, the T42 U300, MPI
 geodesic files) are never in either.
 
     python plugins/checkpoints/build_climate_general.py [--outer-steps N] [--resume]
+    python plugins/checkpoints/build_climate_general.py --budget 64    # or 1024
+
+The shipped default has 256 modulations. ``--budget 64`` and ``--budget 1024`` build the
+same recipe at those budgets (``climate_general_b64/_b1024.safetensors``, for the 64 /
+1024 rows of bench/sphere_vs_sh.py); 1024 modulations need more than the 640 shift
+dimensions of a 6x128 network, so that one is 6x256.
 """
 
 import argparse
@@ -20,24 +26,34 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "datasets" / "data" / "climate_general"
-OUT = HERE / "climate_general.safetensors"
-LOG = HERE / "climate_general.train.jsonl"
 OUTER_STEPS = 1800  # ~14 minutes on 1 thread of a shared 2-core machine (README)
 
 
-def args_for(outer_steps: int, threads: int) -> list[str]:
+def paths(budget: int) -> tuple[Path, Path]:
+    """(checkpoint, training log) of the checkpoint with ``budget`` modulations."""
+    stem = "climate_general" if budget == 256 else f"climate_general_b{budget}"
+    return HERE / f"{stem}.safetensors", HERE / f"{stem}.train.jsonl"
+
+
+def width_for(budget: int) -> int:
+    """128 while the budget fits a 6x128 network's 640 shifts, else 256."""
+    return 128 if budget <= 640 else 256
+
+
+def args_for(outer_steps: int, threads: int, budget: int = 256) -> list[str]:
+    out, log = paths(budget)
     return [
         "meta-train", "--modality", "sphere",
         "--data", str(DATA / "train" / "*.nc"), "--val-data", str(DATA / "val" / "*.nc"),
         "--scaling", "field",
         # the calibration config of DESIGN §8 (the paper's 15×512 runs for days on GPUs)
-        "--depth", "6", "--width", "128", "--w0", "30", "--w0-first", "30",
-        "--method", "mscn", "--budget", "256", "--inner-steps", "3",
+        "--depth", "6", "--width", str(width_for(budget)), "--w0", "30", "--w0-first", "30",
+        "--method", "mscn", "--budget", str(budget), "--inner-steps", "3",
         "--lr-init-low", "0.05", "--lr-init-high", "0.5",
         "--outer-steps", str(outer_steps), "--outer-lr", "3e-4", "--batch-size", "8",
         "--points-per-item", "2048", "--val-every", "100", "--val-points", "2048",
         "--save-every", "100", "--seed", "0", "--threads", str(threads),
-        "--log-path", str(LOG), "-o", str(OUT), "--overwrite",
+        "--log-path", str(log), "-o", str(out), "--overwrite",
     ]
 
 
@@ -48,12 +64,14 @@ def main() -> int:
     # spin-waits ~8x slower; on a quiet machine --threads 2 runs ~1.5x faster
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    ap.add_argument("--budget", type=int, default=256,
+                    help="modulations (default 256: the shipped default checkpoint)")
     a = ap.parse_args()
-    cmd = args_for(a.outer_steps, a.threads)
+    cmd = args_for(a.outer_steps, a.threads, a.budget)
     if a.resume:
         cmd.append("--resume")
     else:
-        LOG.unlink(missing_ok=True)
+        paths(a.budget)[1].unlink(missing_ok=True)
     return subprocess.call([sys.executable, "-m", "mscn_core.cli", *cmd])
 
 
