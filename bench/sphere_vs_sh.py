@@ -47,6 +47,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+from mscn_plugins import sphere_harmonics as SH  # noqa: E402
+
 DATA = C.ROOT / "datasets" / "data"
 DEGREES = (7, 15, 31)  # (L+1)^2 = 64, 256, 1024 coefficients
 BITS = 6
@@ -56,40 +58,10 @@ OUT = C.RESULTS / "sphere_vs_sh.json"
 GENERAL = C.ROOT / "plugins" / "checkpoints" / "climate_general.safetensors"
 
 
-# -- real spherical harmonics ---------------------------------------------------------------
+# -- real spherical harmonics (the plugin's own module: one implementation) -----------------
 
-def sh_basis(lat: np.ndarray, lon: np.ndarray, degree: int) -> np.ndarray:
-    """(n_points, (degree+1)²) real orthonormal SH (∫ Y_a Y_b dΩ = δ_ab over the unit
-    sphere), columns ordered l = 0..degree, m = -l..l. From ``scipy.special.sph_harm_y
-    (n, m, theta=colatitude, phi=longitude)``: Y_l0 for m = 0, √2·(-1)^m Re Y_l^m for
-    m > 0, √2·(-1)^m Im Y_l^|m| for m < 0."""
-    from scipy.special import sph_harm_y
-
-    theta = np.pi / 2 - np.asarray(lat, np.float64)
-    phi = np.mod(np.asarray(lon, np.float64), 2 * np.pi)
-    cols = []
-    for n in range(degree + 1):
-        for m in range(-n, n + 1):
-            y = sph_harm_y(n, abs(m), theta, phi)
-            if m == 0:
-                cols.append(y.real)
-            elif m > 0:
-                cols.append(math.sqrt(2) * (-1) ** m * y.real)
-            else:
-                cols.append(math.sqrt(2) * (-1) ** m * y.imag)
-    return np.stack(cols, axis=1)
-
-
-def sh_fit(lat, lon, values, weights, degree: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Weighted least squares: argmin_c Σ w_i (A c - v)_i², on the given points.
-    Returns (coefficients, the fit at those points, diagnostics)."""
-    from scipy.linalg import lstsq
-
-    a = sh_basis(lat, lon, degree)
-    sw = np.sqrt(weights / weights.sum())
-    coef, _, rank, sv = lstsq(a * sw[:, None], values * sw, lapack_driver="gelsd")
-    cond = float(sv[0] / sv[-1]) if sv is not None and sv[-1] > 0 else math.inf
-    return coef, a @ coef, {"rank": int(rank), "n_coef": a.shape[1], "cond": cond}
+sh_basis, sh_fit = SH.sh_basis, SH.sh_fit
+latlon_cell_areas = SH.latlon_cell_areas
 
 
 def sh_sanity() -> dict:
@@ -133,51 +105,11 @@ def sh_sanity() -> dict:
 
 # -- cell areas -------------------------------------------------------------------------------
 
-def _edges(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    mid = (x[1:] + x[:-1]) / 2
-    first, last = x[0] - (mid[0] - x[0]), x[-1] + (x[-1] - mid[-1])
-    e = np.concatenate([[first], mid, [last]])
-    if lo is not None:
-        e = np.clip(e, lo, hi)
-    return e
-
-
-def latlon_cell_areas(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """(nlat, nlon) areas (sr) of 1-D lat/lon grid cells: Δsin(lat) × Δlon, with edges at
-    the midpoints between points, clipped at the poles (radians in)."""
-    dsin = np.abs(np.diff(np.sin(_edges(lat, -np.pi / 2, np.pi / 2))))
-    dlon = np.abs(np.diff(_edges(np.unwrap(lon))))
-    return dsin[:, None] * dlon[None, :]
-
-
 def cell_areas(signal) -> tuple[np.ndarray, str]:
-    """Per-point weights for the SH fit and how they were made."""
-    xyz = signal.coords.double().numpy()
-    lat = np.arcsin(np.clip(xyz[:, 2], -1, 1))
-    lon = np.arctan2(xyz[:, 1], xyz[:, 0])
-    kind = signal.meta.get("grid")
+    """Per-point weights for the SH fit and how they were made (the plugin's own rule)."""
     area = getattr(signal, "_cell_area", None)
-    if area is not None:
-        return area.double().numpy(), "plugin cell areas (file bounds)"
-    shape = signal.meta["shape"]
-    if kind in (None, "regular", "gaussian") and len(shape) == 2:
-        la, lo = lat.reshape(shape), lon.reshape(shape)
-        if np.allclose(la, la[:, :1]) and np.allclose(lo, lo[:1, :]):
-            return (latlon_cell_areas(la[:, 0], lo[0]).ravel(),
-                    "1-D lat/lon grid: dsin(lat) x dlon between midpoints (cos(lat) x spacing)")
-    if kind == "curvilinear" and len(shape) == 2:
-        la, lo = lat.reshape(shape), np.unwrap(np.unwrap(lon.reshape(shape), axis=0), axis=1)
-        dla_i, dla_j = np.gradient(la)
-        dlo_i, dlo_j = np.gradient(lo)
-        jac = np.abs(dla_i * dlo_j - dla_j * dlo_i)
-        return (np.cos(la) * jac).ravel(), "curvilinear: cos(lat) x |d(lat,lon)/d(i,j)|"
-    if kind == "unstructured":
-        from scipy.spatial import SphericalVoronoi
-
-        pts = xyz / np.linalg.norm(xyz, axis=1, keepdims=True)
-        sv = SphericalVoronoi(pts, radius=1.0)
-        return sv.calculate_areas(), "unstructured: spherical Voronoi cell areas"
-    return np.cos(lat).clip(0), "fallback: cos(lat)"
+    return SH.point_weights(signal.coords.double().numpy(), signal.meta.get("grid"),
+                            signal.meta["shape"], None if area is None else area.numpy())
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -211,12 +143,12 @@ def metrics(m, signal, pred, weights) -> dict:
 
     pred = torch.as_tensor(np.asarray(pred, np.float64)).reshape(-1, 1).float()
     out = m.metrics(signal, pred)
-    lo, hi = signal.meta["scale"]
     valid = (signal.mask.numpy().reshape(-1).astype(bool) if signal.mask is not None
              else np.ones(signal.n_points, bool))
     err = (pred.double().numpy().reshape(-1) - signal.targets.double().numpy().reshape(-1))
     w = weights[valid]
-    out["rmse_cell_area"] = math.sqrt(float((w * err[valid] ** 2).sum() / w.sum())) * (hi - lo)
+    out["rmse_cell_area"] = (math.sqrt(float((w * err[valid] ** 2).sum() / w.sum()))
+                             * m.value_scale(signal.meta))  # field units per target unit
     keep = ("rmse", "rmse_area_weighted", "rmse_cell_area", "max_abs_error", "psnr_db")
     return {k: float(out[k]) for k in keep}
 
@@ -282,6 +214,29 @@ def mscn_methods(ck, m, signals, weights, refine_steps: int, prefix: str = ""
                  f"{prefix}mscn_refine_all_fields": t_refine}
 
 
+def budget_table(out: dict, general_budget: int | None, extras: list,
+                 refine_steps: int) -> str:
+    """Per field and budget B in 64/256/1024: SH-B and every MSCN checkpoint whose
+    modulations plus SH base coefficients total B (3 steps, and + refine steps)."""
+    cols = []  # (budget, header, method key)
+    for b in (64, 256, 1024):
+        cols.append((b, f"SH-{b}", f"sh_{b}"))
+        if general_budget == b:
+            cols += [(b, f"general {b} 3st", f"general_mscn_{b}_3steps"),
+                     (b, f"general {b} +{refine_steps}", f"general_mscn_{b}_refine{refine_steps}")]
+        for stem, eck, _, total in extras:
+            if total == b:
+                k = eck.rep.code_size()
+                cols += [(b, f"{stem} 3st", f"{stem}_mscn_{k}_3steps"),
+                         (b, f"{stem} +{refine_steps}", f"{stem}_mscn_{k}_refine{refine_steps}")]
+    rows = []
+    for name, entry in out["sets"].items():
+        for i, f in enumerate(entry["fields"]):
+            r = f["methods"]
+            rows.append([name, i] + [r[k]["rmse"] if k in r else None for _, _, k in cols])
+    return C.markdown_table(["set", "field"] + [h for _, h, _ in cols], rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -290,6 +245,11 @@ def main() -> int:
     ap.add_argument("--general", default=str(GENERAL) if GENERAL.exists() else None,
                     help="a second (general, field-scaling) checkpoint to compare; "
                          "default: the shipped climate_general.safetensors if present")
+    ap.add_argument("--extra", action="append", default=[], metavar="CKPT",
+                    help="more general checkpoints (repeatable), e.g. the 64- and 1024-"
+                         "modulation ones or one with an SH base; keys prefixed by the file "
+                         "stem, and a same-coefficient table: modulations + (L+1)² SH base "
+                         "coefficients against SH of that many coefficients")
     args = ap.parse_args()
     C.setup_torch(args.threads)
     warnings.simplefilter("ignore")  # "not in the checkpoint's training set": the point here
@@ -311,6 +271,13 @@ def main() -> int:
         if gck.rep.code_size() != budget:
             raise SystemExit(f"{args.general}: {gck.rep.code_size()} modulations, the "
                              f"specialist has {budget}")
+    extras = []  # (stem, checkpoint, modality, total coefficients)
+    for path in args.extra:
+        eck = load_checkpoint(path)
+        em = get_modality("sphere")
+        em.load_state(eck.modality_state)
+        base = SH.n_coefficients(em.sh_degree) if em.sh_degree >= 0 else 0
+        extras.append((Path(path).name.split(".")[0], eck, em, eck.rep.code_size() + base))
     C.log("SH sanity checks")
     sanity = sh_sanity()
     C.log(f"  {sanity}")
@@ -381,6 +348,12 @@ def main() -> int:
             gsignals = [gm.to_signal(f) for f in fields]
             gen, t_gen = mscn_methods(gck, gm, gsignals, weights, refine_steps, "general_")
             entry["general_scaling"] = gsignals[0].meta["scaling"]
+        ext = []
+        for stem, eck, em, _ in extras:
+            esignals = [em.to_signal(f) for f in fields]
+            res, t_ext = mscn_methods(eck, em, esignals, weights, refine_steps, f"{stem}_")
+            ext.append(res)
+            t_gen = {**t_gen, **t_ext}
         C.log(f"  {name}: MSCN done ({t_spec}, {t_gen}); COIN")
         coin, t_coin, n_coin = coin_predictions(m, signals, coin_steps)
         out["settings"]["coin"]["params_per_field"] = n_coin
@@ -388,6 +361,8 @@ def main() -> int:
             meth = p["methods"]
             meth.update(spec[i])
             meth.update(gen[i])
+            for res in ext:
+                meth.update(res[i])
             meth[f"coin_{COIN['depth']}x{COIN['width']}_{coin_steps}steps"] = metrics(
                 m, s, coin[i], w)
             p["seconds"].update({**t_spec, **t_gen, "coin_all_fields": t_coin})
@@ -430,6 +405,13 @@ def main() -> int:
               "gen+ref/SH256", "SH-256 (area)", "gen 3st (area)", "gen +ref (area)"]
     table = C.markdown_table(header, rows)
     out["table"] = table
+    if extras:
+        out["extra_checkpoints"] = {
+            stem: {"path": str(p), "sha256": eck.sha256, "modulations": eck.rep.code_size(),
+                   "sh_degree": em.sh_degree, "total_coefficients": total}
+            for (stem, eck, em, total), p in zip(extras, args.extra, strict=True)}
+        out["budget_table"] = budget_table(out, budget if gck is not None else None,
+                                           extras, refine_steps)
     out["wall_seconds"] = time.perf_counter() - t_start
     path = args.output or (C.RESULTS / "sphere_vs_sh_quick.json" if args.quick else OUT)
     C.write_json(path, out)
@@ -437,6 +419,9 @@ def main() -> int:
           "checkpoint (ratios and area columns: gen when given, else spec); last three "
           "columns area-weighted (cos lat)\n")
     print(table)
+    if extras:
+        print("\nSame number of coefficients (modulations + SH base coefficients), RMSE:\n")
+        print(out["budget_table"])
     print(f"\nwrote {path} ({out['wall_seconds']:.0f} s)")
     return 0
 

@@ -30,6 +30,7 @@ from mscn_core import limits
 from mscn_core.modality import Modality, PredictFn
 from mscn_core.signals import Signal
 from mscn_core.streaming import ItemRef
+from mscn_plugins import sphere_harmonics as sh
 
 if TYPE_CHECKING:  # torch loads where it is used: listing plugins must not cost its ~1 s
     from torch import Tensor
@@ -653,6 +654,11 @@ class SphereOptions:
     # network for any variable, level and date). Stored in the checkpoint: fit/encode use
     # the checkpoint's mode unless this is given.
     scaling: Literal["variable", "field"] | None = None
+    # meta-train: spherical-harmonic base of this degree L (0-31; -1 none): each field's
+    # area-weighted least-squares SH fit travels in the stream as (L+1)² float16
+    # coefficients and the network encodes only the rest (DESIGN §8). Stored in the
+    # checkpoint: fit/encode use the checkpoint's degree unless this is given.
+    sh_degree: int | None = None
 
     def validation(self) -> SphereOptions | None:
         """Options that select the validation items (None: the core splits at random)."""
@@ -719,6 +725,7 @@ class SphereModality(Modality):
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]
         self.scaling_mode = "variable"  # or "field": see SphereOptions.scaling
+        self.sh_degree = -1  # spherical-harmonic base degree, -1 none: SphereOptions.sh_degree
         self._grid_checked: tuple[dict, Any] | None = None  # see check_meta
         self._warned: set[str] = set()  # variables already reported as unknown
         self._open: dict[str, xr.Dataset] = {}  # load(): files kept open, oldest first
@@ -821,7 +828,8 @@ class SphereModality(Modality):
         self.scaling = {k: [lo, hi if hi > lo else lo + 1.0] for k, (lo, hi) in ranges.items()}
 
     def state(self) -> dict:
-        return {"scaling": self.scaling, "scaling_mode": self.scaling_mode}
+        return {"scaling": self.scaling, "scaling_mode": self.scaling_mode,
+                "sh_degree": self.sh_degree}
 
     def load_state(self, state: dict) -> None:
         self.scaling = {k: list(v) for k, v in state.get("scaling", {}).items()}
@@ -830,6 +838,7 @@ class SphereModality(Modality):
         if mode not in ("variable", "field"):
             raise ValueError(f"scaling_mode must be 'variable' or 'field', got {mode!r}")
         self.scaling_mode = mode
+        self.sh_degree = _sh_degree(state.get("sh_degree", -1))  # older checkpoints: none
 
     def _use_options(self, options: SphereOptions | None) -> None:
         """An explicit --scaling sets the mode (meta-train: it lands in the checkpoint)."""
@@ -838,6 +847,9 @@ class SphereModality(Modality):
             if mode not in ("variable", "field"):
                 raise ValueError(f"scaling must be 'variable' or 'field', got {mode!r}")
             self.scaling_mode = mode
+        degree = getattr(options, "sh_degree", None)
+        if degree is not None:
+            self.sh_degree = _sh_degree(degree)
 
     def scale_for(self, field: xr.DataArray) -> tuple[float, float, str]:
         """The [0, 1] scaling: in "field" mode every field's own range; else the
@@ -894,9 +906,10 @@ class SphereModality(Modality):
                 "n_masked": int((~finite).sum())}
         if not finite.all():
             meta["nan_mask"] = pack_mask(~finite.reshape(values.shape))
-        return Signal(torch.from_numpy(sphere_coords(lat, lon)).float(),
-                      torch.from_numpy(scaled).float(),
-                      None if finite.all() else torch.from_numpy(finite), meta)
+        return self._sh_residual(Signal(torch.from_numpy(sphere_coords(lat, lon)).float(),
+                                        torch.from_numpy(scaled).float(),
+                                        None if finite.all() else torch.from_numpy(finite),
+                                        meta))
 
     def _native_signal(self, item: xr.DataArray, grid: climate.Grid) -> Signal:
         import torch
@@ -921,7 +934,39 @@ class SphereModality(Modality):
         area = item.encoding.get(climate._ENC_AREA)
         if isinstance(area, np.ndarray) and area.shape == (sig.n_points,):
             sig._cell_area = torch.from_numpy(area)  # not in meta: never in a stream
-        return sig
+        return self._sh_residual(sig)
+
+    def _sh_residual(self, sig: Signal) -> Signal:
+        """With an SH base (``sh_degree`` >= 0): the targets become what the field's
+        area-weighted SH fit misses, scaled to [0, 1] (meta ``sh``: degree, float16
+        coefficients, the residual's range); errors stay in the field's units."""
+        import torch
+
+        degree = self.sh_degree
+        if degree < 0:
+            return sig
+        xyz = sig.coords.double().numpy()
+        t = sig.targets.double().numpy().reshape(-1)
+        valid = (sig.mask.numpy().astype(bool) if sig.mask is not None
+                 else np.ones(t.size, dtype=bool))
+        area = getattr(sig, "_cell_area", None)
+        w, _ = sh.point_weights(xyz, sig.meta.get("grid"), sig.meta["shape"],
+                                None if area is None else area.numpy())
+        lat, lon = sh.xyz_latlon(xyz)
+        coef, _, _ = sh.sh_fit(lat[valid], lon[valid], t[valid], w[valid], degree,
+                               sh.BASE_RIDGE)
+        text, coef = sh.pack_coefficients(coef)  # the base a decoder will rebuild
+        r = t - sh.sh_basis(lat, lon, degree) @ coef
+        # the range at float32 precision, written as the shortest text: the decoder
+        # parses exactly the numbers the targets were scaled with
+        r_lo = float(str(np.float32(r[valid].min())))
+        r_hi = float(str(np.float32(max(float(r[valid].max()), r_lo + 1e-6))))
+        targets = np.where(valid, (r - r_lo) / (r_hi - r_lo), 0.0)
+        meta = {**sig.meta, "sh": {"degree": degree, "coef": text, "range": [r_lo, r_hi]}}
+        out = Signal(sig.coords, torch.from_numpy(targets).float()[:, None], sig.mask, meta)
+        if area is not None:
+            out._cell_area = area
+        return out
 
     def item_template(self, item: xr.DataArray, options: SphereOptions | None = None) -> dict:
         """``metadata="cf"`` keeps only CF attributes (units, names, calendar…): fewer bytes.
@@ -977,7 +1022,7 @@ class SphereModality(Modality):
         p = pred.detach().reshape(-1).double()
         t = signal.targets.reshape(-1).double()
         valid = signal.mask.reshape(-1) if signal.mask is not None else torch.ones_like(t).bool()
-        err = (p - t)[valid]
+        err = (p - t)[valid] * _residual_span(signal.meta)  # in the field's [0, 1] scaling
         mse01 = float((err**2).mean())
         area = getattr(signal, "_cell_area", None)
         if area is not None:
@@ -997,7 +1042,7 @@ class SphereModality(Modality):
     def value_scale(self, meta: dict) -> float:
         """Field units per unit of the [0, 1] targets (error bounds are in field units)."""
         lo, hi = meta["scale"]
-        return float(hi) - float(lo)
+        return (float(hi) - float(lo)) * _residual_span(meta)
 
     def output_ulp(self, meta: dict) -> float:
         """Float outputs round to their dtype: its spacing near the largest magnitude a
@@ -1010,7 +1055,11 @@ class SphereModality(Modality):
 
     def reference_group(self, item: xr.DataArray) -> tuple | None:
         """Fields of one climatology: same variable, units, grid and non-time scalar
-        coordinates (level...); times, members and realisations are what it averages."""
+        coordinates (level...); times, members and realisations are what it averages.
+        None with an SH base: each field's targets are its own residual, so a per-point
+        mean of them is no climatology."""
+        if self.sh_degree >= 0:
+            return None
         keep = []
         for k, c in sorted(item.coords.items(), key=lambda kv: str(kv[0])):
             if c.ndim != 0 or _is_time_like(str(k), c):
@@ -1027,6 +1076,7 @@ class SphereModality(Modality):
         lo, hi = _pair(meta.get("scale"), "scale")
         if not lo <= hi:
             raise ValueError(f"scale must be [min, max] with min <= max, got [{lo}, {hi}]")
+        self._check_sh(meta.get("sh"))
         if "grid" in meta:
             return self._check_native_meta(meta, options, limit)
         shape = meta.get("shape")
@@ -1056,6 +1106,22 @@ class SphereModality(Modality):
             return nlat * nlon
         glat, glon = climate.regular_latlon_shape(resolution)
         return limits.check_output_values(glat * glon, f"a {glat}x{glon} output grid")
+
+    def _check_sh(self, base: Any) -> None:
+        """An item's SH base (:meth:`_sh_residual`), if any: any degree decodes (the item
+        carries its base; the network was trained for the checkpoint's degree)."""
+        if base is None:
+            return
+        if not isinstance(base, dict) or sorted(base) != ["coef", "degree", "range"]:
+            raise ValueError("sh must be an object with exactly coef, degree, range")
+        degree = base["degree"]
+        if type(degree) is not int or not 0 <= degree <= sh.MAX_DEGREE:
+            raise ValueError(f"sh degree must be an integer in 0..{sh.MAX_DEGREE}, got "
+                             f"{limits.describe(degree)}")
+        sh.unpack_coefficients(base["coef"], degree)
+        r_lo, r_hi = _pair(base["range"], "sh range")
+        if not r_lo < r_hi:
+            raise ValueError(f"sh range must be [min, max] with min < max, got [{r_lo}, {r_hi}]")
 
     def _check_native_meta(self, meta: dict, options: SphereOptions | None, limit: int
                            ) -> int:
@@ -1133,6 +1199,7 @@ class SphereModality(Modality):
         if template is None:
             self.check_meta(meta, options)  # a stream's meta: validated before any allocation
             template = template_field(self.resolve_grid(meta["template"], options))
+        predict = _with_sh_base(meta, predict)
         if "grid" in meta:
             out = self._native_reconstruct(meta, predict, _options(options).resolution,
                                            template)
@@ -1194,6 +1261,39 @@ class SphereModality(Modality):
         if animation is not None:
             rotating_globe_gif(recon, animation, overwrite=overwrite, truth=truth, **look)
         return out
+
+
+def _sh_degree(value: Any) -> int:
+    if type(value) is not int or not -1 <= value <= sh.MAX_DEGREE:
+        raise ValueError(f"sh_degree must be an integer in -1..{sh.MAX_DEGREE}, got "
+                         f"{limits.describe(value)}")
+    return value
+
+
+def _residual_span(meta: dict) -> float:
+    """Targets per unit of the field's [0, 1] scaling: the SH residual's range, else 1."""
+    base = meta.get("sh")
+    return 1.0 if base is None else float(base["range"][1]) - float(base["range"][0])
+
+
+def _with_sh_base(meta: dict, predict: PredictFn) -> PredictFn:
+    """The network predicts the SH residual in [0, 1]; the field (in its [0, 1] scaling)
+    is the base expansion plus the residual mapped back to its range."""
+    base = meta.get("sh")
+    if base is None:
+        return predict
+    import torch
+
+    degree = int(base["degree"])
+    coef = sh.unpack_coefficients(base["coef"], degree)
+    r_lo, r_hi = (float(v) for v in base["range"])
+
+    def full(pts: Tensor) -> Tensor:
+        res = predict(pts).reshape(-1).double()
+        shb = torch.from_numpy(sh.evaluate(pts.double().numpy(), coef, degree))
+        return (shb + r_lo + res * (r_hi - r_lo))[:, None]
+
+    return full
 
 
 def history_line(provenance: dict) -> str:

@@ -16,7 +16,9 @@ geodesic files) are never in either.
 The shipped default has 256 modulations. ``--budget 64`` and ``--budget 1024`` build the
 same recipe at those budgets (``climate_general_b64/_b1024.safetensors``, for the 64 /
 1024 rows of bench/sphere_vs_sh.py); 1024 modulations need more than the 640 shift
-dimensions of a 6x128 network, so that one is 6x256.
+dimensions of a 6x128 network, so that one is 6x256. ``--budget 192 --sh-degree 7``:
+each field's degree-7 spherical-harmonic fit (64 coefficients) plus 192 modulations for
+what it misses -- 256 numbers per field in all (DESIGN §8's SH-base route).
 """
 
 import argparse
@@ -29,9 +31,12 @@ DATA = HERE.parents[1] / "datasets" / "data" / "climate_general"
 OUTER_STEPS = 1800  # ~14 minutes on 1 thread of a shared 2-core machine (README)
 
 
-def paths(budget: int) -> tuple[Path, Path]:
-    """(checkpoint, training log) of the checkpoint with ``budget`` modulations."""
+def paths(budget: int, sh_degree: int = -1) -> tuple[Path, Path]:
+    """(checkpoint, training log) of the checkpoint with ``budget`` modulations (and an
+    SH base of degree ``sh_degree``)."""
     stem = "climate_general" if budget == 256 else f"climate_general_b{budget}"
+    if sh_degree >= 0:
+        stem += f"_sh{sh_degree}"
     return HERE / f"{stem}.safetensors", HERE / f"{stem}.train.jsonl"
 
 
@@ -40,12 +45,13 @@ def width_for(budget: int) -> int:
     return 128 if budget <= 640 else 256
 
 
-def args_for(outer_steps: int, threads: int, budget: int = 256) -> list[str]:
-    out, log = paths(budget)
+def args_for(outer_steps: int, threads: int, budget: int = 256, sh_degree: int = -1
+             ) -> list[str]:
+    out, log = paths(budget, sh_degree)
     return [
         "meta-train", "--modality", "sphere",
         "--data", str(DATA / "train" / "*.nc"), "--val-data", str(DATA / "val" / "*.nc"),
-        "--scaling", "field",
+        "--scaling", "field", "--sh-degree", str(sh_degree),
         # the calibration config of DESIGN §8 (the paper's 15×512 runs for days on GPUs)
         "--depth", "6", "--width", str(width_for(budget)), "--w0", "30", "--w0-first", "30",
         "--method", "mscn", "--budget", str(budget), "--inner-steps", "3",
@@ -66,12 +72,15 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
     ap.add_argument("--budget", type=int, default=256,
                     help="modulations (default 256: the shipped default checkpoint)")
+    ap.add_argument("--sh-degree", type=int, default=-1,
+                    help="spherical-harmonic base degree L ((L+1)² coefficients per field "
+                         "besides the modulations; -1: none, the shipped default)")
     a = ap.parse_args()
-    cmd = args_for(a.outer_steps, a.threads, a.budget)
+    cmd = args_for(a.outer_steps, a.threads, a.budget, a.sh_degree)
     if a.resume:
         cmd.append("--resume")
     else:
-        paths(a.budget)[1].unlink(missing_ok=True)
+        paths(a.budget, a.sh_degree)[1].unlink(missing_ok=True)
     return subprocess.call([sys.executable, "-m", "mscn_core.cli", *cmd])
 
 
