@@ -50,8 +50,9 @@ demo: $(STAMP)
 	# no --checkpoint: the general climate checkpoint, on held-out files of other variables and grids
 	$(BIN)/mscn fit $(GAUSS) -o $(OUT)/u300_recon.nc --overwrite
 	$(BIN)/mscn view globe $(GAUSS) $(OUT)/u300_recon.nc -o $(OUT)/u300_globe.png --overwrite
-	$(BIN)/mscn encode $(CURVI) -o $(OUT)/tos.mscn --overwrite
-	$(BIN)/mscn decode $(OUT)/tos.mscn -o $(OUT)/tos_decoded.nc --overwrite
+	# the ocean grid stays in the input file (--grid-storage reference): 1.5 KB, not 108 KB
+	$(BIN)/mscn encode $(CURVI) --grid-storage reference -o $(OUT)/tos.mscn --overwrite
+	$(BIN)/mscn decode $(OUT)/tos.mscn --grid-file $(CURVI) -o $(OUT)/tos_decoded.nc --overwrite
 	$(BIN)/mscn view globe $(CURVI) $(OUT)/tos_decoded.nc -o $(OUT)/tos_globe.png --overwrite
 	$(BIN)/mscn fit $(MESH) --checkpoint $(SDF) -o $(OUT)/bunny_sdf.obj --overwrite
 	$(BIN)/mscn encode $(MESH) --modality sdf --checkpoint $(SDF) -o $(OUT)/bunny.mscn --overwrite
@@ -70,10 +71,12 @@ demo: $(STAMP)
 checkpoint: $(STAMP)
 	$(BIN)/python plugins/checkpoints/build_era5_t850.py
 
-# Rebuilds the general climate checkpoint (any variable, level, date; per-field scaling)
-# from datasets/data/climate_general (about 15 minutes on 2 quiet cores).
+# Rebuilds the default general climate checkpoint (any variable, level, date; per-field
+# scaling; a degree-7 spherical-harmonic base + 192 modulations) from
+# datasets/data/climate_general (about 20 minutes on one thread). The plain 256-modulation
+# one: python plugins/checkpoints/build_climate_general.py (plugins/checkpoints/README.md).
 climate-checkpoint: $(STAMP)
-	$(BIN)/python plugins/checkpoints/build_climate_general.py
+	$(BIN)/python plugins/checkpoints/build_climate_general.py --budget 192 --sh-degree 7
 
 # Rebuilds the shipped SDF and voxel checkpoints from the vendored meshes (CPU).
 shape-checkpoints: $(STAMP)

@@ -720,7 +720,8 @@ class SphereModality(Modality):
     view_names = ("globe",)
     # fit/evaluate/encode without --checkpoint: the general checkpoint (every variable,
     # level and grid kind of the shared files, per-field scaling; plugins/checkpoints)
-    default_checkpoint = "climate_general.safetensors"
+    # the general checkpoint with a degree-7 SH base (plugins/checkpoints/README.md)
+    default_checkpoint = "climate_general_b192_sh7.safetensors"
 
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]

@@ -29,6 +29,7 @@ from mscn_plugins.sphere import SphereModality, SphereOptions
 GENERAL = (Path(__file__).resolve().parents[1] / "plugins" / "checkpoints"
            / "climate_general.safetensors")
 T42 = vendored_path("t42_gaussian_uv300_U.nc")
+DEFAULT = GENERAL.with_name("climate_general_b192_sh7.safetensors")  # SH base + 192
 MPIOM = vendored_path("mpiom_tos_curvilinear_crop.nc")
 GEODESIC = vendored_path("geodesic_2562cells_t0.nc")
 
@@ -157,20 +158,20 @@ def test_general_encode_decode_cli_on_the_unstructured_grid(general, tmp_path):
 def test_fit_and_encode_default_to_the_general_checkpoint(tmp_path):
     from clirun import mscn, ok, refused
 
-    said = "climate_general.safetensors (the sphere modality's default"
+    said = f"{DEFAULT.name} (the sphere modality's default"
     default = mscn("fit", T42, "--var", "U", "-o", tmp_path / "a.nc")
-    named = ok(mscn("fit", T42, "--var", "U", "--checkpoint", GENERAL, "-o", tmp_path / "b.nc"))
+    named = ok(mscn("fit", T42, "--var", "U", "--checkpoint", DEFAULT, "-o", tmp_path / "b.nc"))
     assert said in default.stderr
     assert ok(default)["mean"]["rmse"] == pytest.approx(named["mean"]["rmse"], rel=1e-6)
     r = mscn("encode", MPIOM, "-o", tmp_path / "c.mscn")
     assert said in r.stderr and ok(r)["items"] == 1
     assert read_bitstream((tmp_path / "c.mscn").read_bytes()).checkpoint_hash == \
-        load_checkpoint(GENERAL).sha256
+        load_checkpoint(DEFAULT).sha256
     # none: COIN-style from scratch, said so; never both
     r = mscn("fit", T42, "--var", "U", "--from-scratch", "--steps", 2, "-o", tmp_path / "d.nc")
     assert "from scratch" in r.stderr and said not in r.stderr
     assert ok(r)["items"] == named["items"]
-    line = refused(mscn("fit", T42, "--from-scratch", "--checkpoint", GENERAL,
+    line = refused(mscn("fit", T42, "--from-scratch", "--checkpoint", DEFAULT,
                         "-o", tmp_path / "e.nc"))
     assert "--from-scratch and --checkpoint exclude each other" in line
 
