@@ -60,11 +60,10 @@ demo: $(STAMP)
 	$(BIN)/mscn view mesh $(MESH) $(OUT)/bunny_decoded.glb -o $(OUT)/bunny_sdf.png --overwrite
 	$(BIN)/mscn fit $(MESH) --modality voxel --checkpoint $(VOX) -o $(OUT)/bunny_voxels.binvox --overwrite
 	$(BIN)/mscn view voxels $(MESH) $(OUT)/bunny_voxels.binvox -o $(OUT)/bunny_voxels.png --overwrite
-	rm -rf $(OUT)/jeep1_views $(OUT)/jeep1_decoded  # scene folders: mscn refuses to replace folders
-	$(BIN)/mscn fit $(SCENE) --checkpoint $(NERF) --orbit-views 24 -o $(OUT)/jeep1_views
+	$(BIN)/mscn fit $(SCENE) --checkpoint $(NERF) --orbit-views 24 -o $(OUT)/jeep1_views --overwrite
 	$(BIN)/mscn view $(SCENE) $(OUT)/jeep1_views -o $(OUT)/jeep1_views.png --gif $(OUT)/jeep1_orbit.gif --overwrite
 	$(BIN)/mscn encode $(SCENE) --checkpoint $(NERF) --bits 6 -o $(OUT)/jeep1.mscn --overwrite
-	$(BIN)/mscn decode $(OUT)/jeep1.mscn --checkpoint $(NERF) --orbit-views 0 -o $(OUT)/jeep1_decoded
+	$(BIN)/mscn decode $(OUT)/jeep1.mscn --checkpoint $(NERF) --orbit-views 0 -o $(OUT)/jeep1_decoded --overwrite
 	@echo "demo outputs in $(OUT)/"
 
 # Rebuilds the shipped checkpoint from the vendored data (about 10 minutes on 2 cores).

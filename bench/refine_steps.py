@@ -15,6 +15,12 @@ its 3 meta-learned steps, then N more Adam steps on the same 256 coded positions
 
     .venv/bin/python bench/refine_steps.py            # ~10 min on 1 CPU thread
     .venv/bin/python bench/refine_steps.py --quick    # 1 field per set, N <= 30
+    .venv/bin/python bench/refine_steps.py --checkpoint default \
+        -o bench/results/refine_steps_default.json    # the sphere default, 3 more grids
+
+``--checkpoint default`` is the sphere modality's default checkpoint (the general one with
+an SH base) and adds its held-out files of other grids: the T42 Gaussian U300, the MPI-OM
+curvilinear crop and the geodesic unstructured height (first field of each).
 """
 
 from __future__ import annotations
@@ -31,10 +37,17 @@ import _common as C  # noqa: E402
 STEPS = (0, 10, 30, 100, 300)
 BITS = 6
 LRS = (3e-3, 1e-2, 3e-2)
-COADS = C.ROOT / "datasets" / "data" / "coads_sst_airt_2deg_jan-mar.nc"
+DATA = C.ROOT / "datasets" / "data"
+COADS = DATA / "coads_sst_airt_2deg_jan-mar.nc"
+OTHER_GRIDS = [("t42_u300", "T42 Gaussian grid, U 300 hPa (another model and grid)",
+                DATA / "t42_gaussian_uv300_U.nc", "U"),
+               ("mpiom_tos", "MPI-OM curvilinear ocean crop (regional, land NaNs)",
+                DATA / "mpiom_tos_curvilinear_crop.nc", "tos"),
+               ("geodesic_height", "geodesic 2562-cell unstructured grid, height",
+                DATA / "geodesic_2562cells_t0.nc", "height")]
 
 
-def datasets(m, quick: bool) -> list[tuple[str, str, list]]:
+def datasets(m, quick: bool, other_grids: bool = False) -> list[tuple[str, str, list]]:
     """(name, description, fields); 2 fields per set (ERA5: member 8 and 9 at the first
     time; COADS: January and February), so the whole run fits ~10 min on one thread."""
     sets = [("t850_m8-9", "t 850 hPa, members 8-9 (in distribution, held out)",
@@ -45,6 +58,8 @@ def datasets(m, quick: bool) -> list[tuple[str, str, list]]:
              C.era5_fields(m, var="z", level=500)[::4]),
             ("coads_sst", "COADS SST Jan-Feb (another data set, land NaNs)",
              m.read(COADS, var="SST")[:2])]
+    if other_grids:
+        sets += [(n, d, m.read(p, var=v)[:1]) for n, d, p, v in OTHER_GRIDS]
     return [(n, d, f[:1] if quick else f) for n, d, f in sets]
 
 
@@ -81,6 +96,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("-o", "--output", default=None)
+    ap.add_argument("--checkpoint", default=str(C.SHIPPED),
+                    help="checkpoint to refine with; 'default': the sphere modality's "
+                         "default (and its held-out files of three more grids)")
     args = ap.parse_args()
     C.setup_torch(args.threads)
     warnings.simplefilter("ignore")  # "outside the training range": the point of the bench
@@ -88,15 +106,23 @@ def main() -> int:
     from mscn_core.pipeline import REFINE_LR, adapt_codes, quantizer
     from mscn_core.registry import get_modality
 
-    ck = load_checkpoint(C.SHIPPED)
     m = get_modality("sphere")
+    other_grids = args.checkpoint == "default"
+    if other_grids:
+        from mscn_core.catalog import find_named
+
+        path = find_named(type(m).default_checkpoint)
+    else:
+        path = Path(args.checkpoint).resolve()
+    ck = load_checkpoint(path)
     m.load_state(ck.modality_state)
     steps = tuple(n for n in STEPS if n <= 30) if args.quick else STEPS
-    out = {"checkpoint": str(C.SHIPPED.relative_to(C.ROOT)), "sha256": ck.sha256,
+    out = {"checkpoint": str(path.relative_to(C.ROOT)) if path.is_relative_to(C.ROOT)
+           else str(path), "sha256": ck.sha256,
            "refine_lr": REFINE_LR, "bits": BITS, "steps": list(steps),
            "machine": C.machine_info(), "sets": {}}
     rows = []
-    for name, desc, fields in datasets(m, args.quick):
+    for name, desc, fields in datasets(m, args.quick, other_grids):
         signals = [m.to_signal(f) for f in fields]
         codes = adapt_codes(ck, m, signals).double().numpy()
         q, _ = quantizer(ck, BITS)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,13 +35,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mscn_core.atomic import check_output, save_bytes_atomic, temp_path
+from mscn_core.atomic import save_bytes_atomic, write_folder_atomic
 
 __all__ = [
     "CV_GL_FLIP", "Intrinsics", "Scene", "SceneDataError", "check_rigid", "gl_to_cv",
     "cv_to_gl", "is_scene_path", "look_at", "orbit_poses", "pixel_rays", "project",
     "fill_srn", "read_scenes", "read_srn", "read_transforms", "scene_dirs", "write_srn",
-    "write_transforms", "write_folder_atomic",
+    "write_transforms",
 ]
 
 #: diag(1, −1, −1, 1): OpenCV ⇄ OpenGL camera axes (right-multiplied onto camera-to-world).
@@ -523,46 +522,6 @@ def fill_srn(scene: Scene, root: Path) -> None:
         orbit_root = root / "orbit"
         orbit_root.mkdir()
         fill_srn(scene.orbit, orbit_root)
-
-
-def write_folder_atomic(path: str | os.PathLike, fill, overwrite: bool = False) -> Path:
-    """Build a folder under a temp name beside ``path`` with ``fill(tmp_dir)`` (whose files
-    go through :func:`~mscn_core.atomic.write_atomic`), then rename it into place.
-
-    Why: a crash never leaves a half-written scene where a complete one is expected, and
-    an existing output is only replaced with ``overwrite`` (then swapped, old removed).
-    """
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise FileExistsError(17, "exists; pass --overwrite to replace it", str(path))
-        if path.is_dir() and not path.is_symlink() and not is_scene_path(path):
-            raise FileExistsError(17, "exists and is not a scene folder mscn wrote; refusing "
-                                  "to replace it", str(path))
-    elif not path.parent.is_dir():
-        check_output(path, overwrite, probe=False)  # the one wording for a missing parent
-    tmp = temp_path(path)
-    tmp.mkdir()
-    old = None
-    try:
-        fill(tmp)
-        if path.exists() or path.is_symlink():
-            old = temp_path(path)
-            os.rename(path, old)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.rename(old, path)
-            old = None
-        raise
-    finally:
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-    return path
 
 
 # -- transforms.json -------------------------------------------------------------------------

@@ -12,19 +12,28 @@ path, and the CLI turns SIGTERM/SIGINT into exceptions so that happens then too.
 removes those whose writing process no longer exists. The pid is only meaningful on this
 machine: a directory shared by several machines could see another host's live temp
 as stale, so do not point concurrent writers on different hosts at the same target.
+
+Folder outputs go through :func:`write_folder_atomic`: built under a temp name, given a
+marker file (:data:`MARKER`, one JSON line: what wrote it, when, the checkpoint) as its
+last step, then renamed into place. ``overwrite`` replaces an existing folder only if it
+carries that marker (mscn completed it); a folder without it (a user's) is never removed.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import secrets
+import shutil
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 TEMP_TAG = ".mscn-tmp."
+MARKER = ".mscn-output"  # in every folder mscn wrote (and completed)
 
 
 def _default_mode() -> int:
@@ -56,7 +65,7 @@ def _create_error(err: OSError, path: Path) -> OSError:
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool = False,
-                 probe: bool = True) -> Path:
+                 probe: bool = True, folder_ok: bool = False) -> Path:
     """Refuse an output path that cannot (or must not) be written; returns it as a Path.
 
     Why: a long run must fail in its first second, not after the compute. One rule set
@@ -65,14 +74,28 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False,
     if its directory is missing (never created); ``NotADirectoryError`` if its "directory"
     is a file; ``PermissionError`` if no file can be created there. ``probe``: also
     create and remove a temp file there (permission bits alone say nothing for root,
-    nor for read-only or full file systems). Every error names ``path`` (``err.filename``).
+    nor for read-only or full file systems). ``folder_ok``: the output may be a folder
+    (:func:`write_folder_atomic`); an existing one is then replaced with ``overwrite``
+    only if mscn wrote it (:func:`is_mscn_output`), else ``FileExistsError``. Every
+    error names ``path`` (``err.filename``).
     """
     raw = os.fspath(path)
     path = Path(raw)
-    if raw.endswith(("/", os.sep)) or os.path.isdir(path):
+    if folder_ok and os.path.isdir(path) and not os.path.islink(path):
+        if not is_mscn_output(path):
+            if overwrite:
+                raise _error(FileExistsError, errno.EEXIST, path,
+                             f"is a directory that was not written by mscn (no {MARKER}); "
+                             "remove it yourself or choose another -o")
+            raise _error(IsADirectoryError, errno.EISDIR, path,
+                         "is a directory; name the file to write")
+        if not overwrite:
+            raise _error(FileExistsError, errno.EEXIST, path,
+                         "exists (a folder mscn wrote); pass --overwrite to replace it")
+    elif raw.endswith(("/", os.sep)) or os.path.isdir(path):
         raise _error(IsADirectoryError, errno.EISDIR, path,
                      "is a directory; name the file to write")
-    if os.path.lexists(path):
+    elif os.path.lexists(path):
         st = os.lstat(path)
         if not overwrite:
             what = ("exists (a dangling symbolic link)" if stat.S_ISLNK(st.st_mode)
@@ -188,6 +211,69 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], object],
     finally:
         _unlink(tmp)
     _fsync_dir(directory)
+    return path
+
+
+def is_mscn_output(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a real folder (not a link) holding mscn's :data:`MARKER` file,
+    i.e. one :func:`write_folder_atomic` completed: the only folders mscn replaces."""
+    path = Path(path)
+    try:
+        return (stat.S_ISDIR(os.lstat(path).st_mode)
+                and stat.S_ISREG(os.lstat(path / MARKER).st_mode))
+    except OSError:
+        return False
+
+
+def _marker_line(info: dict | None) -> bytes:
+    from . import __version__
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record = {"written_by": f"mscn {__version__}", "time": stamp, **(info or {})}
+    return (json.dumps(record, default=str) + "\n").encode()
+
+
+def write_folder_atomic(path: str | os.PathLike[str], fill: Callable[[Path], object],
+                        overwrite: bool = False, marker: dict | None = None) -> Path:
+    """Build a folder with ``fill(tmp_dir)`` under a temp name beside ``path`` (its files
+    through :func:`write_atomic`), add the :data:`MARKER` file (``marker``: more to record
+    in it, e.g. the checkpoint), then rename it into place.
+
+    Refuses what :func:`check_output` refuses with ``folder_ok``: an existing ``path``
+    without ``overwrite``; with it, a folder mscn did not write (no marker). A folder
+    mscn wrote is swapped: old → temp name, new → ``path``, then the old one removed;
+    a file or link is replaced itself. On any error (and on the exceptions the CLI
+    raises for SIGTERM/SIGINT) the temp folder is removed and ``path`` is as it was.
+    """
+    path = check_output(path, overwrite, probe=False, folder_ok=True)
+    tmp = temp_path(path)
+    try:
+        tmp.mkdir()
+    except OSError as err:
+        raise _create_error(err, path) from err
+    old = None
+    try:
+        fill(tmp)
+        save_bytes_atomic(_marker_line(marker), tmp / MARKER)
+        _fsync_dir(tmp)
+        if os.path.lexists(path):  # checked again now: it may have changed meanwhile
+            check_output(path, overwrite, probe=False, folder_ok=True)
+            old = temp_path(path)
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, just made: never the user's
+        if old is not None and not os.path.lexists(path):
+            os.rename(old, path)
+            old = None
+        raise
+    finally:
+        if old is not None:
+            if is_mscn_output(old):
+                shutil.rmtree(old, ignore_errors=True)
+            elif not os.path.isdir(old) or os.path.islink(old):
+                _unlink(old)
+    _fsync_dir(path.parent)
     return path
 
 

@@ -283,9 +283,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Every file the command will write, checked before any work (one rule set)."""
     from .atomic import check_output
 
-    for path in (getattr(args, "output", None), getattr(args, "gif", None)):
-        if path:
-            check_output(path, getattr(args, "overwrite", False))
+    overwrite = getattr(args, "overwrite", False)
+    if getattr(args, "output", None):  # a plugin may write a folder here (one mscn wrote
+        check_output(args.output, overwrite, folder_ok=True)  # is replaced: --overwrite)
+    if getattr(args, "gif", None):
+        check_output(args.gif, overwrite)
     log = getattr(args, "train.log_path", None)
     if log:  # appended to, not replaced: existing is fine
         check_output(log, overwrite=True)

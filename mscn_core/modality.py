@@ -97,6 +97,10 @@ class Modality:
     options: ClassVar[type | None] = None
     # Encode-time budget: samples per inner step when an item has more (bounded memory).
     points_per_step: ClassVar[int] = 16384
+    # Items adapted at once when the codec is fitted after meta-training; memory grows
+    # with it times what one item's inner step costs (samples × work per sample).
+    # ``None``: the core's default (16, :data:`mscn_core.pipeline.CODEC_BATCH`).
+    codec_batch_size: ClassVar[int | None] = None
     # Extra names under which ``mscn view NAME`` reaches this modality's viewer.
     view_names: ClassVar[tuple[str, ...]] = ()
     # The viewer, optional: a method ``view(truth, recon, path, options=None,
@@ -236,7 +240,8 @@ def checkpoint_settings(options: Any, fields: Sequence[str], stored: dict | None
 
 
 _DEFAULT_ATTRIBUTES = {"magic": (), "file_extensions": (), "options": None,
-                       "points_per_step": Modality.points_per_step, "view_names": (),
+                       "points_per_step": Modality.points_per_step,
+                       "codec_batch_size": None, "view_names": (),
                        "view": None, **dict.fromkeys(OPTIONAL_CAPABILITIES)}
 
 

@@ -37,6 +37,7 @@ from .siren import SirenConfig
 
 BIT_DEPTHS = tuple(range(2, 9))
 CLIP_SIGMA = 3.0
+CODEC_BATCH = 16  # items adapted at once by fit_codec unless the modality asks fewer
 
 
 def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[Any],
@@ -273,8 +274,17 @@ def predictor(ck: Checkpoint, modality, code: Tensor, chunk: int = 65536):
 
 # -- the codec: quantiser statistics and entropy models fitted on the training set ------
 def fit_codec(ck: Checkpoint, modality, train_signals: Sequence[Signal],
-              bit_depths: Sequence[int] = BIT_DEPTHS, clip_sigma: float = CLIP_SIGMA) -> None:
-    codes = adapt_codes(ck, modality, train_signals).double().numpy()
+              bit_depths: Sequence[int] = BIT_DEPTHS, clip_sigma: float = CLIP_SIGMA,
+              batch_size: int | None = None) -> None:
+    """Fit the quantiser statistics and an entropy model per bit depth on the codes the
+    inner loop gives the training signals. ``batch_size``: items adapted at once (peak
+    memory grows with it; the codes do not depend on it); default the modality's
+    ``codec_batch_size``, else :data:`CODEC_BATCH`."""
+    batch = batch_size if batch_size is not None else (
+        getattr(modality, "codec_batch_size", None) or CODEC_BATCH)
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"codec batch size must be an integer >= 1, got {batch!r}")
+    codes = adapt_codes(ck, modality, train_signals, max_batch=batch).double().numpy()
     stats = fit_stats(codes)
     arrays = {f"quant.{k}": torch.from_numpy(v) for k, v in stats.to_arrays().items()}
     for b in bit_depths:

@@ -479,3 +479,34 @@ def test_bits_per_value():
     assert bits_per_value(0, 10) == 0.0
     with pytest.raises(ValueError):
         bits_per_value(10, 0)
+
+
+def test_the_codec_does_not_depend_on_the_batch_it_was_fitted_in(tiny_sphere_checkpoint):
+    """``fit_codec``'s batch size bounds memory only: items adapt independently, so batches
+    of 1 and of 16 give the same quantiser ranges and entropy models."""
+    import torch
+    from conftest import ERA5
+
+    from mscn_core.checkpoint import load_checkpoint
+    from mscn_core.pipeline import CODEC_BATCH, fit_codec
+    from mscn_core.registry import get_modality
+
+    ck = load_checkpoint(tiny_sphere_checkpoint)
+    m = get_modality("sphere")
+    m.load_state(ck.modality_state)
+    assert m.codec_batch_size is None and CODEC_BATCH == 16  # pointwise: the core default
+    assert get_modality("nerf").codec_batch_size == 2  # rays × samples per item: fewer
+    fields = m.read(ERA5, var="t", sel=["isobaricInhPa=850"])[:6]
+    signals = [m.to_signal(f) for f in fields]
+    codecs = {}
+    for batch in (1, 16):
+        fit_codec(ck, m, signals, bit_depths=(4, 6), batch_size=batch)
+        codecs[batch] = dict(ck.codec)
+    assert codecs[1].keys() == codecs[16].keys()
+    for k in codecs[1]:  # (bitwise equal here; float statistics may vary by the last ulp
+        if k.startswith("quant."):  # with the BLAS's blocking on other machines)
+            torch.testing.assert_close(codecs[1][k], codecs[16][k], rtol=1e-6, atol=1e-9)
+        else:  # the entropy models: symbol counts, identical
+            assert torch.equal(codecs[1][k], codecs[16][k]), k
+    with pytest.raises(ValueError, match="codec batch size"):
+        fit_codec(ck, m, signals, batch_size=-1)
