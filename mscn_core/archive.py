@@ -51,6 +51,7 @@ class Settings:
     max_rel_error: float | None = None
     refine_steps: int = 0
     refine_lr: float | None = None
+    refine_grow: bool = False  # refinement may enlarge the payload (no rate cap)
     overwrite: bool = False
     threads: int | None = None
 
@@ -161,7 +162,8 @@ def encode_one(job: Job, settings: Settings) -> dict:
                                  max_abs_error=settings.max_abs_error,
                                  max_rel_error=settings.max_rel_error,
                                  refine_steps=settings.refine_steps,
-                                 refine_lr=settings.refine_lr)
+                                 refine_lr=settings.refine_lr,
+                                 refine_grow=settings.refine_grow)
         try:
             save_bytes_atomic(data, job.output, overwrite=settings.overwrite)
         except FileExistsError:

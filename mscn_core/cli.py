@@ -689,7 +689,8 @@ def _fit(args, ck, modality, items, desc: str = "fit"):
     codes = adapt_codes(ck, modality, signals, steps=args.steps,
                         points_per_step=args.points_per_step, desc=desc)
     codes = refine_codes(ck, modality, signals, codes, args.refine_steps, args.refine_lr,
-                         bits=args.bits, points_per_step=args.points_per_step,
+                         bits=args.bits, rate_cap=not args.refine_grow,
+                         points_per_step=args.points_per_step,
                          desc=f"{desc}: refine")
     if args.bits:
         _, codes = quantize_codes(ck, codes, args.bits)
@@ -904,7 +905,7 @@ def cmd_encode(args) -> int:
         modality=args.modality or ck.modality, options=args.options, bits=args.bits,
         points_per_step=args.points_per_step, max_abs_error=args.max_abs_error,
         max_rel_error=args.max_rel_error, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr, overwrite=args.overwrite,
+        refine_lr=args.refine_lr, refine_grow=args.refine_grow, overwrite=args.overwrite,
         threads=args.threads or (1 if local else None))  # one per single-threaded worker
     archive.remember(settings, ck, modality)  # a serial run loads it once, here
     if local:
@@ -947,7 +948,8 @@ def _encode_one_stream(args) -> int:
                              points_per_step=args.points_per_step,
                              max_abs_error=args.max_abs_error,
                              max_rel_error=args.max_rel_error,
-                             refine_steps=args.refine_steps, refine_lr=args.refine_lr)
+                             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+                             refine_grow=args.refine_grow)
     save_bytes_atomic(data, args.destination, overwrite=args.overwrite)
     out = {"output": args.destination, "items": len(items), "bytes": rep.n_bytes,
            "payload_bytes": rep.payload_bytes, "values": rep.n_values,
@@ -1181,6 +1183,11 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
         s.add_argument("--refine-lr", type=_positive_float, default=None, metavar="LR",
                        help="Adam learning rate of --refine-steps (default 0.01, measured by "
                        "bench/refine_steps.py)")
+        s.add_argument("--refine-grow", action="store_true",
+                       help="with --bits: let --refine-steps make the payload bigger (by "
+                       "default only iterates costing no more bits than the meta-learned "
+                       "codes are kept, which on fields unlike the training set is often "
+                       "none)")
 
     s = sub.add_parser("meta-train", help="meta-learn a checkpoint (codec) from data files",
                        epilog=hint)

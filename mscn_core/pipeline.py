@@ -384,12 +384,16 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
                  with_metrics: bool = True, options: Any = None,
                  points_per_step: int | None = None, max_abs_error: float | None = None,
                  max_rel_error: float | None = None, refine_steps: int = 0,
-                 refine_lr: float | None = None) -> tuple[bytes, EncodeReport]:
+                 refine_lr: float | None = None, refine_grow: bool = False
+                 ) -> tuple[bytes, EncodeReport]:
     """Adapt, (optionally) refine, quantise and entropy-code items into one .mscn stream.
 
     ``refine_steps``: :func:`refine_codes` after the meta-learned steps (Adam rate
-    ``refine_lr``, default :data:`REFINE_LR`), aware of ``bits``;
-    the residual of a bounded encoding is taken after it (against what the decoder sees).
+    ``refine_lr``, default :data:`REFINE_LR`), aware of ``bits``; ``refine_grow``: its
+    iterates may cost more bits than the meta-learned codes (no rate cap): measured on
+    held-out climate fields at 6 bits, the capped refinement never moved while uncapped
+    100 steps cut RMSE 12-25 % for 40-50 % more payload. The residual of a bounded
+    encoding is taken after refinement (against what the decoder sees).
 
     ``max_abs_error`` (artifact units) or ``max_rel_error`` (times each item's value
     range): also code the residual so that every valid point decodes within the bound
@@ -412,7 +416,8 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
     codes = adapt_codes(ck, modality, signals, points_per_step=points_per_step,
                         desc="encode: adapt")
     codes = refine_codes(ck, modality, signals, codes, refine_steps, refine_lr, bits=bits,
-                         points_per_step=points_per_step, desc="encode: refine")
+                         rate_cap=not refine_grow, points_per_step=points_per_step,
+                         desc="encode: refine")
     symbols, dequant = quantize_codes(ck, codes, bits)
     _, model = quantizer(ck, bits)
     payloads = [encode_symbols(s, model) for s in symbols]

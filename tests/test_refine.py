@@ -86,6 +86,24 @@ def test_quantisation_aware_refinement_is_never_worse_nor_bigger(setup):
                   & (r[moved] <= np.broadcast_to(hi, r.shape)[moved] + 1e-6))
 
 
+def test_uncapped_refinement_may_grow_the_payload_but_is_never_worse(setup, tmp_path,
+                                                                     tiny_sphere_checkpoint):
+    """Without the rate cap (--refine-grow) the kept quantised iterate is at least as good
+    as the capped one's (both keep the best, the capped one among fewer candidates);
+    the stream still decodes with the unmodified decoder."""
+    ck, m, fields, signals, codes = setup
+    capped = P.refine_codes(ck, m, signals, codes, 15, bits=4)
+    grown = P.refine_codes(ck, m, signals, codes, 15, bits=4, rate_cap=False)
+    _, qc = P.quantize_codes(ck, capped, 4)
+    _, qg = P.quantize_codes(ck, grown, 4)
+    for i, s in enumerate(signals):
+        assert _loss(ck, m, s, qg[i]) <= _loss(ck, m, s, qc[i]) + 1e-9
+    enc = ok(mscn("encode", ERA5, *T500, "--checkpoint", tiny_sphere_checkpoint, "--bits",
+                  4, "--refine-steps", 5, "--refine-grow", "-o", tmp_path / "g.mscn"))
+    assert enc["items"] == 4
+    assert len(P.decode_stream((tmp_path / "g.mscn").read_bytes(), ck).artifacts) == 4
+
+
 def test_large_items_refine_on_samples(setup):
     """Items above points_per_step: a seeded draw per step, keep-best on a fixed draw."""
     ck, m, _, signals, codes = setup
