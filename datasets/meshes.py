@@ -48,6 +48,7 @@ import numpy as np
 import trimesh
 
 from mscn_core.atomic import write_atomic
+from mscn_core.bitstream import short_float
 
 __all__ = [
     "AMBIGUOUS_LIMIT", "MESH_EXTENSIONS", "VOXEL_EXTENSIONS", "Frame", "MeshDataError",
@@ -156,21 +157,6 @@ class Frame:
     @classmethod
     def identity(cls) -> Frame:
         return cls(center=np.zeros(3), scale=1.0)
-
-
-def short_float(x: float, tol: float) -> float | int:
-    """The shortest decimal within ``tol`` of ``x`` (an int when integral), so that JSON
-    writes ``0.99684113`` instead of ``0.9968411326408386``, ``0`` instead of ``-0.0``."""
-    x = float(x)
-    if not math.isfinite(x):
-        return x
-    for digits in range(1, 18):
-        y = float(f"{x:.{digits}g}")
-        if abs(y - x) <= tol:
-            break
-    else:
-        y = x
-    return int(y) if y.is_integer() and abs(y) < 2**53 else y
 
 
 @dataclass

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from mscn_core.atomic import save_bytes_atomic, write_folder_atomic
+from mscn_core.bitstream import short_float
 
 __all__ = [
     "CV_GL_FLIP", "Intrinsics", "Scene", "SceneDataError", "check_rigid", "gl_to_cv",
@@ -101,21 +102,6 @@ class Intrinsics:
                 raise ValueError(f"intrinsics {k} must be an int in 1..{MAX_SIDE}, got {v!r}")
         return cls(float(vals["fx"]), float(vals["fy"]), float(vals["cx"]), float(vals["cy"]),
                    h, w)
-
-
-def short_float(x: float, tol: float) -> float | int:
-    """The shortest decimal within ``tol`` of ``x`` (an int when integral), so that JSON
-    writes ``1.1983091`` instead of ``1.1983090949058533``, ``0`` instead of ``-0.0``."""
-    x = float(x)
-    if not math.isfinite(x):
-        return x
-    for digits in range(1, 18):
-        y = float(f"{x:.{digits}g}")
-        if abs(y - x) <= tol:
-            break
-    else:
-        y = x
-    return int(y) if y.is_integer() and abs(y) < 2**53 else y
 
 
 def float32_short(x: float, scale: float = 0.0) -> float | int:

@@ -91,6 +91,7 @@ trusted or returned.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import zlib
@@ -500,3 +501,19 @@ def bitstream_overhead(data: bytes) -> int:
     stream, for rate accounting."""
     bs = read_bitstream(data)
     return len(data) - bs.payload_bytes
+
+
+def short_float(x: float, tol: float) -> float | int:
+    """The shortest decimal within ``tol`` of ``x`` (an int when integral), so that a
+    header's JSON writes ``0.99684113`` instead of ``0.9968411326408386``, ``0`` instead
+    of ``-0.0`` (plugins use it for numbers they need only to float32 precision)."""
+    x = float(x)
+    if not math.isfinite(x):
+        return x
+    for digits in range(1, 18):
+        y = float(f"{x:.{digits}g}")
+        if abs(y - x) <= tol:
+            break
+    else:
+        y = x
+    return int(y) if y.is_integer() and abs(y) < 2**53 else y

@@ -425,6 +425,21 @@ def _check_attrs(attrs: Any, what: str) -> None:
             raise ValueError(f"{what}[{k!r}] must be a string, a number or a list of either")
 
 
+def _numeric_sizes(name: str, c: dict, dims: list[str], limit: int, what: str
+                   ) -> tuple[int, ...]:
+    """The bounded sizes of a coordinate whose values are not inline (raw bytes, or in the
+    grid file): numeric dtype, one size per dim."""
+    if np.dtype(c["dtype"]).kind not in "fiu":
+        raise ValueError(f"template coordinate {name!r}: {what} must be numeric")
+    shp = c["data"]["shape"]
+    if not isinstance(shp, list) or len(shp) != len(dims):
+        raise ValueError(f"template coordinate {name!r}: shape does not match its dims")
+    sizes = tuple(limits.check_count(n, f"template coordinate {name!r} shape", 0, limit)
+                  for n in shp)
+    limits.check_output_values(math.prod(sizes), f"template coordinate {name!r}")
+    return sizes
+
+
 def _coord_shape(name: str, c: Any, limit: int) -> tuple[list[str], tuple[int, ...]]:
     """A template coordinate's dims and shape, checked without expanding it."""
     _check_name(name, "template coordinate")
@@ -445,28 +460,12 @@ def _coord_shape(name: str, c: Any, limit: int) -> tuple[list[str], tuple[int, .
         if set(data) != {"ref", "shape"} or data["ref"] != "grid":
             raise ValueError(f"template coordinate {name!r}: a grid reference needs exactly "
                              "ref 'grid' and a shape")
-        if np.dtype(c["dtype"]).kind not in "fiu":
-            raise ValueError(f"template coordinate {name!r}: grid coordinates must be numeric")
-        shp = data["shape"]
-        if not isinstance(shp, list) or len(shp) != len(dims):
-            raise ValueError(f"template coordinate {name!r}: shape does not match its dims")
-        sizes = tuple(limits.check_count(n, f"template coordinate {name!r} shape", 0, limit)
-                      for n in shp)
-        limits.check_output_values(math.prod(sizes), f"template coordinate {name!r}")
-        return dims, sizes
+        return dims, _numeric_sizes(name, c, dims, limit, "grid coordinates")
     if isinstance(data, dict) and "zlib" in data:  # raw bytes (_compact_axis)
         if set(data) != {"zlib", "shape"} or not isinstance(data["zlib"], str):
             raise ValueError(f"template coordinate {name!r}: binary data needs exactly a zlib "
                              "string and a shape")
-        if np.dtype(c["dtype"]).kind not in "fiu":
-            raise ValueError(f"template coordinate {name!r}: binary data must be numeric")
-        shp = data["shape"]
-        if not isinstance(shp, list) or len(shp) != len(dims):
-            raise ValueError(f"template coordinate {name!r}: shape does not match its dims")
-        sizes = tuple(limits.check_count(n, f"template coordinate {name!r} shape", 0, limit)
-                      for n in shp)
-        limits.check_output_values(math.prod(sizes), f"template coordinate {name!r}")
-        return dims, sizes
+        return dims, _numeric_sizes(name, c, dims, limit, "binary data")
     if isinstance(data, dict):  # a regular axis {first, step, n} (_compact_axis)
         if len(dims) != 1 or set(data) != {"first", "step", "n"}:
             raise ValueError(f"template coordinate {name!r}: a compact axis needs one dim "
