@@ -149,12 +149,10 @@ def frame_check(truth, shape) -> dict:
 
 def header_json(data: bytes) -> str:
     """The stream's header JSON (zlib-compressed in the file), for the record."""
-    import zlib
-
-    from mscn_core.bitstream import HEADER_DICT
+    from mscn_core.bitstream import inflate_header_text
 
     n = int.from_bytes(data[6:10], "little")
-    return zlib.decompressobj(zlib.MAX_WBITS, HEADER_DICT).decompress(data[10:10 + n]).decode()
+    return inflate_header_text(data[10:10 + n]).decode()
 
 
 def moved_frame_check(ck, m, truth, bits: int, opts) -> dict:

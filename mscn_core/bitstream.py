@@ -22,7 +22,7 @@ reader reads them; a reader that knows only version 1 refuses a bounded stream w
 
 Header JSON (compact, sorted keys)::
 
-    {"checkpoint_hash": "<64 hex, sha256 of the checkpoint>", "modality": "sphere",
+    {"checkpoint_hash": "<64 hex, sha256 of the checkpoint>", "modality": "<plugin name>",
      "bits": 6, "n_items": 2, "items": [{...}, {...}], "payload_lengths": [123, 456],
      "extra": {...}}
 
@@ -34,17 +34,20 @@ metadata values survive (which is why the header is parsed by ``json`` and then 
 against the schema with ``msgspec.convert``: msgspec's own parser refuses those tokens).
 
 The header is zlib-compressed because at ≤ 0.05 bits/value the item metadata
-would otherwise cost more than the modulations themselves. Writers deflate it with the
-preset dictionary :data:`HEADER_DICT` (zlib's FDICT: the zlib header says so and names
-the dictionary by its Adler-32, ``DICTID``): the header's own key names and the strings
-plugins repeat in every stream are then back-references of 2-3 bytes. Measured: a
+would otherwise cost more than the modulations themselves. Writers deflate it with a
+preset dictionary (zlib's FDICT: the zlib header says so and names the dictionary by its
+Adler-32, ``DICTID``): the modality's ``header_words`` (an optional member of the plugin
+contract: the strings its item metadata repeats) then the header's own key names
+(:data:`CORE_HEADER_WORDS`; alone, :data:`HEADER_DICT`), all back-references of 2-3
+bytes. Measured: a
 one-item shape stream's header 216 → 126 bytes, its whole stream 410 → 320 (the
 checkpoint's sha256, ~50 bytes as hex in deflate, is most of what is left). A reader
-inflates a header with the dictionary its ``DICTID`` names (:data:`HEADER_DICTS`; a
-header without FDICT, as written before, inflates as plain zlib), and refuses an unknown
-``DICTID`` in one line. Readers from before the dictionary refuse such streams as a
-malformed header. :data:`HEADER_DICT` is frozen: changing a byte changes its ``DICTID``
-and orphans every stream written with it; a new one is *added* to :data:`HEADER_DICTS`.
+inflates a header with the dictionary its ``DICTID`` names (:data:`HEADER_DICTS`, which
+registers every installed modality's on the first unknown ``DICTID``; a header without
+FDICT, as written before, inflates as plain zlib), and refuses an unknown ``DICTID`` in
+one line. Readers from before the dictionary refuse such streams as a malformed header.
+Dictionaries are frozen: changing a byte of a modality's words or of the core's changes
+the ``DICTID`` and orphans every stream written with it.
 
 Threat model. A stream is something people download and decode, so the reader assumes
 a *forger*, not only damage: someone who writes any header and payload bytes they like
@@ -95,6 +98,7 @@ import math
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -121,6 +125,8 @@ __all__ = [
     "bitstream_overhead",
     "HEADER_DICT",
     "HEADER_DICTS",
+    "header_dictionary",
+    "inflate_header_text",
 ]
 
 MAGIC = b"MSCN"
@@ -141,42 +147,56 @@ HEADER_FLOOR = 1 << 20  # any stream may carry 1 MiB of header (one-item headers
 HEADER_MAX = 16 << 20  # never more (~100k items at a measured 112-175 bytes each)
 
 
-# The preset dictionary of header deflation (see the module docstring). FROZEN: every
-# stream names it by its Adler-32. Strings that recur in headers, the most frequent last
-# (deflate reaches nearer bytes with shorter distance codes).
-HEADER_DICT = "".join([
-    # climate (sphere): xarray/CF names the template of every field repeats
-    '"GRIB_', '"history":"', '"calendar":"proleptic_gregorian"', '"_FillValue":',
-    '"missing_value":', '"chunksizes":[', '"complevel":', '"contiguous":false',
-    '"shuffle":true', '"zlib":true', '"unlimited_dims":[', '"global_attr_dtypes":{}',
-    '"global_attrs":{', '"format":"NETCDF4"', '"item_dims":[', '"variable":{',
-    '"stored_direction":"decreasing"', '"seconds since 1970-01-01"', '"hours since ',
-    '"positive":"down"', '"point_spacing":"even"', '"axis":"', '"long_name":"time"',
-    '"standard_name":"time"', '"long_name":"longitude","standard_name":"longitude",'
-    '"units":"degrees_east"', '"long_name":"latitude","standard_name":"latitude",'
-    '"units":"degrees_north"', '"standard_name":"', '"long_name":"', '"units":"',
-    '"encoding":{"coords":{', '"attr_dtypes":{}', '"dtype":"int64"', '"dtype":"float32"',
-    '"dtype":"float64"', '"dims":[]', '"data":{"first":', '"n":', '"step":', '"attrs":{',
-    '"dims":["latitude","longitude"]', '"coords":{', '"lat":[-90.0,90.0]', '"lon_first":',
-    '"n_masked":', '"nan_mask":"eN', '"scaling":"own field range (field scaling)"',
-    '"scaling":"training-set range of ', '"scale":[', '"shape":[', '"units":',
-    '"variable":"', '"name":"', '"residual":{',
-    # nerf, voxel, sdf
-    '"orbit":[', '"poses":[', '"intrinsics":[', '"views":[', '"context":[',
-    '"resolution":', '"frame":[',
-    # the header itself (keys sorted, compact separators, as write_bitstream writes it)
+# The preset dictionary of header deflation (see the module docstring): the strings of
+# the header itself (keys sorted, compact separators, as write_bitstream writes them),
+# after a modality's own ``header_words`` (the plugin contract's optional member: strings
+# its item metadata repeats). FROZEN, both parts: every stream names its dictionary by
+# Adler-32. The most frequent strings last (deflate reaches nearer bytes with shorter
+# distance codes).
+CORE_HEADER_WORDS = (
+    '"name":"', '"shape":[', '"scale":[', '"units":', '"resolution":', '"residual":{',
     '{"bits":', ',"checkpoint_hash":"', '","extra":{"common":{', '"n_values":',
-    ',"template":{}', '}},"items":[{}],"modality":"', '"sphere"', '"nerf"', '"voxel"',
-    '"sdf"', ',"n_items":1,"payload_lengths":[',
-]).encode()
-HEADER_DICTS = {zlib.adler32(HEADER_DICT): HEADER_DICT}  # DICTID → dictionary
+    ',"template":{}', '}},"items":[{}],"modality":"', ',"n_items":1,"payload_lengths":[',
+)
+HEADER_DICTS: dict[int, bytes] = {}  # DICTID → dictionary, filled by header_dictionary
 _FDICT = 0x20  # zlib header, second byte: a preset dictionary's DICTID follows
 
 
-def _deflate_header(text: bytes) -> bytes:
-    c = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_DEFAULT_STRATEGY,
-                         HEADER_DICT)
+def header_dictionary(words: Sequence[str] = ()) -> bytes:
+    """The preset dictionary of a modality whose ``header_words`` are ``words``
+    (registered, so that streams naming it inflate in this process)."""
+    zdict = "".join([*words, *CORE_HEADER_WORDS]).encode()
+    HEADER_DICTS.setdefault(zlib.adler32(zdict), zdict)
+    return zdict
+
+
+HEADER_DICT = header_dictionary()  # the core's own: writers that name no modality words
+
+
+def dictionary_named(dictid: int) -> bytes | None:
+    """The registered dictionary with this DICTID; if none, every installed modality's
+    is registered first (a plugin that fails to load is skipped: it never breaks the
+    others' streams)."""
+    if dictid not in HEADER_DICTS:
+        from .registry import get_modality, modality_names
+
+        for name in modality_names():
+            try:
+                header_dictionary(tuple(getattr(get_modality(name), "header_words", ())))
+            except Exception:  # noqa: BLE001 - a broken plugin: its streams stay unreadable
+                continue
+    return HEADER_DICTS.get(dictid)
+
+
+def _deflate_header(text: bytes, zdict: bytes = HEADER_DICT) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_DEFAULT_STRATEGY, zdict)
     return c.compress(text) + c.flush()
+
+
+def inflate_header_text(raw: bytes) -> bytes:
+    """A header's JSON text, no bound (tests and benchmarks read their own streams)."""
+    zdict = dictionary_named(int.from_bytes(raw[2:6], "big")) if raw[1] & _FDICT else b""
+    return zlib.decompressobj(zlib.MAX_WBITS, zdict or b"").decompress(bytes(raw))
 
 
 def _inflate_header(raw: bytes, bound: int) -> bytes:
@@ -184,7 +204,7 @@ def _inflate_header(raw: bytes, bound: int) -> bytes:
     dictionary its zlib header names (or none): :func:`limits.inflate`'s checks."""
     if len(raw) < 6 or not raw[1] & _FDICT:
         return inflate(raw, bound, "header")
-    zdict = HEADER_DICTS.get(int.from_bytes(raw[2:6], "big"))
+    zdict = dictionary_named(int.from_bytes(raw[2:6], "big"))
     if zdict is None:
         raise ValueError(f"header is not zlib data (it needs preset dictionary "
                          f"{raw[2:6].hex()}, which this build does not have)")
@@ -277,8 +297,10 @@ def write_bitstream(
     payloads: list[bytes],
     extra: dict | None = None,
     version: int = FORMAT_VERSION,
+    header_words: Sequence[str] = (),
 ) -> bytes:
-    """Serialise items into one ``.mscn`` stream (see module docstring for the layout)."""
+    """Serialise items into one ``.mscn`` stream (see module docstring for the layout);
+    ``header_words``: the modality's, for the header's preset dictionary."""
     ck = _check_hash(checkpoint_hash, "checkpoint_hash")
     if not isinstance(modality, str) or not modality:
         raise ValueError(f"modality must be a non-empty string, got {modality!r}")
@@ -325,7 +347,7 @@ def write_bitstream(
         ).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"item metadata is not JSON-serialisable: {exc}") from exc
-    hjson = _deflate_header(hjson)
+    hjson = _deflate_header(hjson, header_dictionary(header_words))
     if len(hjson) >= 1 << 32:
         raise ValueError("header too large")
     body = b"".join([_PREFIX.pack(MAGIC, version, len(hjson)), hjson, *blobs])

@@ -101,6 +101,10 @@ class Modality:
     # with it times what one item's inner step costs (samples × work per sample).
     # ``None``: the core's default (16, :data:`mscn_core.pipeline.CODEC_BATCH`).
     codec_batch_size: ClassVar[int | None] = None
+    # Strings this modality's item metadata repeats in every stream, the most frequent
+    # last: its streams' headers are deflated with them as a preset dictionary
+    # (mscn_core.bitstream). FROZEN once streams exist: a changed byte orphans them.
+    header_words: ClassVar[tuple[str, ...]] = ()
     # Extra names under which ``mscn view NAME`` reaches this modality's viewer.
     view_names: ClassVar[tuple[str, ...]] = ()
     # The viewer, optional: a method ``view(truth, recon, path, options=None,

@@ -437,7 +437,8 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
                 bounds.append(row)
                 bar.update()
     common, per_item = split_common(metas)
-    data = bs.write_bitstream(checkpoint_hash=ck.sha256, modality=modality.name, bits=bits,
+    data = bs.write_bitstream(header_words=tuple(getattr(modality, "header_words", ())),
+                              checkpoint_hash=ck.sha256, modality=modality.name, bits=bits,
                               items_meta=per_item, payloads=payloads,
                               extra={"common": common},
                               version=bs.BOUNDED_VERSION if bounded else bs.FORMAT_VERSION)

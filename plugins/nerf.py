@@ -300,6 +300,9 @@ def orbit_frame(poses: np.ndarray, near: float, far: float) -> dict:
 # -- the modality -----------------------------------------------------------------------
 class NerfModality(Modality):
     name = "nerf"
+    # the stream header's preset dictionary: FROZEN
+    header_words = ('"orbit":[', '"poses":[', '"intrinsics":[', '"views":[', '"context":[',
+                    '"nerf"')
     description = ("radiance fields of posed views (SRN folders, transforms.json) → novel "
                    "views (PNG)")
     in_dim = 3

@@ -121,6 +121,7 @@ def read_shapes(path: str | os.PathLike, max_faces: int, rotations: int) -> list
 
 class SdfModality(Modality):
     name = "sdf"
+    header_words = ('"frame":[', '"sdf"')  # the stream header's preset dictionary: FROZEN
     description = ("signed distance functions of meshes (OBJ/PLY/OFF/STL/GLB) → marching cubes"
                    + ("; pytorch3d Meshes in/out (meshes.from_pytorch3d/to_pytorch3d)"
                       if PYTORCH3D_AVAILABLE else ""))

@@ -721,6 +721,22 @@ class SphereModality(Modality):
     # level and grid kind of the shared files, per-field scaling; plugins/checkpoints)
     # the general checkpoint with a degree-7 SH base (plugins/checkpoints/README.md)
     default_checkpoint = "climate_general_b192_sh7.safetensors"
+    # xarray/CF names every field's template repeats (bitstream preset dictionary): FROZEN
+    header_words = (
+        '"GRIB_', '"history":"', '"calendar":"proleptic_gregorian"', '"_FillValue":',
+        '"missing_value":', '"chunksizes":[', '"complevel":', '"contiguous":false',
+        '"shuffle":true', '"zlib":true', '"unlimited_dims":[', '"global_attr_dtypes":{}',
+        '"global_attrs":{', '"format":"NETCDF4"', '"item_dims":[', '"variable":{',
+        '"stored_direction":"decreasing"', '"seconds since 1970-01-01"', '"hours since ',
+        '"positive":"down"', '"point_spacing":"even"', '"axis":"', '"long_name":"time"',
+        '"standard_name":"time"', '"long_name":"longitude","standard_name":"longitude",'
+        '"units":"degrees_east"', '"long_name":"latitude","standard_name":"latitude",'
+        '"units":"degrees_north"', '"standard_name":"', '"long_name":"', '"units":"',
+        '"encoding":{"coords":{', '"attr_dtypes":{}', '"dtype":"int64"', '"dtype":"float32"',
+        '"dtype":"float64"', '"dims":[]', '"data":{"first":', '"n":', '"step":', '"attrs":{',
+        '"dims":["latitude","longitude"]', '"coords":{', '"lat":[-90.0,90.0]', '"lon_first":',
+        '"n_masked":', '"nan_mask":"eN', '"scaling":"own field range (field scaling)"',
+        '"scaling":"training-set range of ', '"sh":{"coef":"', '"variable":"', '"sphere"')
 
     def __init__(self) -> None:
         self.scaling: dict[str, list[float]] = {}  # variable key -> [min, max]

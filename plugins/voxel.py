@@ -154,6 +154,7 @@ def _hdf5_item(path: str | os.PathLike, i: int) -> meshes.Shape:
 
 class VoxelModality(Modality):
     name = "voxel"
+    header_words = ('"frame":[', '"voxel"')  # the stream header's preset dictionary: FROZEN
     description = "occupancy grids (binvox, IM-NET HDF5, or any mesh voxelised), 64³"
     in_dim = 3
     out_dim = 1

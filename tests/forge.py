@@ -15,7 +15,7 @@ import struct
 import zlib
 from collections.abc import Callable
 
-from mscn_core.bitstream import HEADER_DICT
+from mscn_core.bitstream import inflate_header_text
 
 MAGIC = b"MSCN"
 VERSION = 1
@@ -29,8 +29,7 @@ Mutator = Callable[[dict, list[bytes]], "bytes | None"]
 def parse(data: bytes) -> tuple[dict, list[bytes]]:
     """The header dict and the payloads of a *valid* stream (no checks: test input)."""
     _, _, header_len = _PREFIX.unpack_from(data, 0)
-    d = zlib.decompressobj(zlib.MAX_WBITS, HEADER_DICT)  # unused by a header without FDICT
-    header = json.loads(d.decompress(data[_PREFIX.size:_PREFIX.size + header_len]))
+    header = json.loads(inflate_header_text(data[_PREFIX.size:_PREFIX.size + header_len]))
     payloads, off = [], _PREFIX.size + header_len
     for n in header["payload_lengths"]:
         payloads.append(bytes(data[off:off + n]))

@@ -112,15 +112,18 @@ def test_check_meta_accepts_real_sphere_items_and_counts_their_output(sphere, er
 
 
 def test_headers_use_the_preset_dictionary_and_plain_zlib_still_reads(era5):
-    """Writers deflate the header with HEADER_DICT (zlib FDICT + its Adler-32); a header
-    without a dictionary (as written before, or by forge.seal) reads the same; a header
-    naming a dictionary this build lacks, or bomb-sized with the dictionary, is one line."""
-    from mscn_core.bitstream import HEADER_DICT, HEADER_DICTS
+    """Writers deflate the header with the modality's dictionary (its header_words, then
+    the core's words: zlib FDICT + its Adler-32); a header without a dictionary (as
+    written before, or by forge.seal) reads the same; a header naming a dictionary this
+    build lacks, or bomb-sized with the dictionary, is one line."""
+    from mscn_core.bitstream import HEADER_DICT, header_dictionary
+    from mscn_plugins.sphere import SphereModality
 
     n = int.from_bytes(era5[6:10], "little")
     raw = era5[10:10 + n]
-    assert raw[1] & 0x20 and int.from_bytes(raw[2:6], "big") == zlib.adler32(HEADER_DICT)
-    assert list(HEADER_DICTS) == [0x5370986E]  # frozen: every stream names it
+    sphere = header_dictionary(SphereModality.header_words)
+    assert raw[1] & 0x20 and int.from_bytes(raw[2:6], "big") == zlib.adler32(sphere)
+    assert zlib.adler32(sphere) == 0xE37281B9  # frozen: every sphere stream names it
     header, payloads = parse(era5)
     plain = read_bitstream(seal(header, payloads))
     assert plain.items_meta == read_bitstream(era5).items_meta
