@@ -49,9 +49,9 @@ class Settings:
     points_per_step: int | None = None
     max_abs_error: float | None = None
     max_rel_error: float | None = None
-    refine_steps: int = 0
+    refine_steps: int | None = None  # None: the checkpoint's (pipeline.refine_settings)
     refine_lr: float | None = None
-    refine_grow: bool = False  # refinement may enlarge the payload (no rate cap)
+    refine_grow: bool | None = None  # refinement may enlarge the payload (no rate cap)
     overwrite: bool = False
     threads: int | None = None
 

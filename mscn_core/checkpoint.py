@@ -115,6 +115,8 @@ class CodecInfoSchema(msgspec.Struct):
     clip_sigma: PosFloat
     bit_depths: list[Annotated[int, Meta(ge=2, le=8)]]
     fitted_on_items: Annotated[int, Meta(ge=0)] = 0
+    refine_steps: Annotated[int, Meta(ge=0, le=10**6)] = 0  # encode's default refinement
+    fit_loss: dict[str, Annotated[float, Meta(ge=0)]] = {}  # the training items' spread
 
 
 class ConfigSchema(msgspec.Struct):

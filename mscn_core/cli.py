@@ -401,7 +401,9 @@ def _inspect_checkpoint(args) -> int:
     if ck.info.get("codec"):  # validated with the checkpoint (the codec reads it)
         codec = ck.info["codec"]
         print(f"codec       bits {codec['bit_depths']}, clip ±{codec['clip_sigma']}σ, "
-              f"fitted on {codec.get('fitted_on_items', '?')} items")
+              f"fitted on {codec.get('fitted_on_items', '?')} items"
+              + (f" after {codec['refine_steps']} refine steps (encode's default)"
+                 if codec.get("refine_steps") else ""))
     for k, v in ck.modality_state.items():
         print(f"{k:<11} {json.dumps(v)[:300]}")
     return 0
@@ -648,6 +650,7 @@ def _meta_train(args) -> int:
         info["options"] = dataclasses.asdict(options)
     try:
         ck = train_checkpoint(modality, train, val, siren, method, tcfg, info=info,
+                              codec_refine_steps=args.codec_refine_steps,
                               options=options)
     except Interrupted as sig:  # the saved state is the point of saving it: say so
         if main and has_state(tcfg.state_dir):
@@ -682,12 +685,24 @@ def _fit(args, ck, modality, items, desc: str = "fit"):
     their points (what the metrics scored)."""
     import torch
 
-    from .pipeline import adapt_codes, check_refinable, predictor, quantize_codes, refine_codes
+    from .pipeline import (
+        adapt_codes,
+        check_refinable,
+        predictor,
+        quantize_codes,
+        refine_codes,
+        refine_settings,
+        warn_unfamiliar,
+    )
 
+    args.refine_steps, args.refine_grow = refine_settings(ck, args.refine_steps,
+                                                          args.refine_grow)
     check_refinable(ck.rep, args.refine_steps, args.refine_lr)
     signals = [modality.to_signal(i, args.options) for i in items]
     codes = adapt_codes(ck, modality, signals, steps=args.steps,
                         points_per_step=args.points_per_step, desc=desc)
+    if args.steps is None:  # the record is of the meta-learned steps' fits
+        warn_unfamiliar(ck, modality, signals, codes, args.points_per_step)
     codes = refine_codes(ck, modality, signals, codes, args.refine_steps, args.refine_lr,
                          bits=args.bits, rate_cap=not args.refine_grow,
                          points_per_step=args.points_per_step,
@@ -1173,21 +1188,23 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
                        "memory; default: the modality's)")
 
     def refine_flags(s):
-        s.add_argument("--refine-steps", type=_nonnegative_int, default=0, metavar="N",
+        s.add_argument("--refine-steps", type=_nonnegative_int, default=None, metavar="N",
                        help="after the meta-learned steps, N Adam steps on each item's coded "
                        "values (same positions, same stream format; best iterate kept): "
-                       "slower encoding, better on fields unlike the training set "
-                       "(default 0, the paper's)")
+                       "slower encoding, better on items unlike the training set "
+                       "(default: the steps the checkpoint's codec was fitted after, "
+                       "shown by `mscn inspect`; 0, the paper's, for most)")
         # default None = pipeline.REFINE_LR (the parser must not import torch for it; a test
         # keeps this help's number equal to it)
         s.add_argument("--refine-lr", type=_positive_float, default=None, metavar="LR",
                        help="Adam learning rate of --refine-steps (default 0.01, measured by "
                        "bench/refine_steps.py)")
-        s.add_argument("--refine-grow", action="store_true",
-                       help="with --bits: let --refine-steps make the payload bigger (by "
-                       "default only iterates costing no more bits than the meta-learned "
-                       "codes are kept, which on fields unlike the training set is often "
-                       "none)")
+        s.add_argument("--refine-grow", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --bits: let --refine-steps make the payload bigger (without "
+                       "it only iterates costing no more bits than the meta-learned codes "
+                       "are kept, which on items unlike the training set is often none; "
+                       "default: on for a checkpoint whose codec was fitted on refined "
+                       "codes, else off)")
 
     s = sub.add_parser("meta-train", help="meta-learn a checkpoint (codec) from data files",
                        epilog=hint)
@@ -1199,6 +1216,10 @@ def build_parser(modality=None, light: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--val-data", nargs="+", metavar="FILE",
                    help="validation items from these files (never trained on) instead of a "
                    "random split")
+    s.add_argument("--codec-refine-steps", type=_nonnegative_int, default=0, metavar="N",
+                   help="fit the quantiser and entropy models on the training items' codes "
+                   "after N refine steps, and make N encode's default --refine-steps for "
+                   "this checkpoint (default 0: the meta-learned codes)")
     modality_flags(s)
     if not light:  # the engine's configs need torch: not for the top-level --help
         from .meta import TrainConfig

@@ -42,8 +42,10 @@ CODEC_BATCH = 16  # items adapted at once by fit_codec unless the modality asks 
 
 def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[Any],
                      siren: SirenConfig, method: MethodConfig, train: TrainConfig,
-                     info: dict | None = None, options: Any = None) -> Checkpoint:
-    """Meta-train on items of a modality and fit the codec: a ready-to-use checkpoint.
+                     info: dict | None = None, options: Any = None,
+                     codec_refine_steps: int = 0) -> Checkpoint:
+    """Meta-train on items of a modality and fit the codec (on codes after
+    ``codec_refine_steps`` refine steps, see :func:`fit_codec`): a ready-to-use checkpoint.
 
     Lazy items (mscn_core.streaming) stay lazy: ``fit_state`` sees a bounded seeded
     subsample and each step converts only the items it draws."""
@@ -62,7 +64,7 @@ def train_checkpoint(modality, train_items: Sequence[Any], val_items: Sequence[A
                     info={"train": summary, "train_config": asdict(train),
                           "n_train": len(tr), "n_val": len(va), **(info or {})})
     if rep.meta_learned and is_main():  # the codec: rank 0 only, on a bounded sample
-        fit_codec(ck, modality, bounded(tr))
+        fit_codec(ck, modality, bounded(tr), refine_steps=codec_refine_steps)
     return ck
 
 
@@ -275,16 +277,25 @@ def predictor(ck: Checkpoint, modality, code: Tensor, chunk: int = 65536):
 # -- the codec: quantiser statistics and entropy models fitted on the training set ------
 def fit_codec(ck: Checkpoint, modality, train_signals: Sequence[Signal],
               bit_depths: Sequence[int] = BIT_DEPTHS, clip_sigma: float = CLIP_SIGMA,
-              batch_size: int | None = None) -> None:
+              batch_size: int | None = None, refine_steps: int = 0) -> None:
     """Fit the quantiser statistics and an entropy model per bit depth on the codes the
     inner loop gives the training signals. ``batch_size``: items adapted at once (peak
     memory grows with it; the codes do not depend on it); default the modality's
-    ``codec_batch_size``, else :data:`CODEC_BATCH`."""
+    ``codec_batch_size``, else :data:`CODEC_BATCH`.
+
+    ``refine_steps``: fit on the codes after that many :func:`refine_codes` steps instead,
+    and make it the checkpoint's default encode-time refinement (:func:`refine_settings`).
+    Why: refined codes leave the meta-learned codes' range by far (a held-out mesh: 100×
+    their spread after 300 steps), so a codec fitted on 3-step codes clips them all."""
     batch = batch_size if batch_size is not None else (
         getattr(modality, "codec_batch_size", None) or CODEC_BATCH)
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"codec batch size must be an integer >= 1, got {batch!r}")
-    codes = adapt_codes(ck, modality, train_signals, max_batch=batch).double().numpy()
+    check_refinable(ck.rep, refine_steps)
+    codes = adapt_codes(ck, modality, train_signals, max_batch=batch)
+    experience = fit_losses(ck, modality, train_signals, codes, max_batch=batch)
+    codes = refine_codes(ck, modality, train_signals, codes, refine_steps, max_batch=batch,
+                         desc="codec: refine").double().numpy()
     stats = fit_stats(codes)
     arrays = {f"quant.{k}": torch.from_numpy(v) for k, v in stats.to_arrays().items()}
     for b in bit_depths:
@@ -295,6 +306,87 @@ def fit_codec(ck: Checkpoint, modality, train_signals: Sequence[Signal],
     ck.codec = arrays
     ck.info["codec"] = {"clip_sigma": clip_sigma, "bit_depths": list(bit_depths),
                         "fitted_on_items": len(train_signals)}
+    if refine_steps:
+        ck.info["codec"]["refine_steps"] = refine_steps
+    record_experience(ck, experience)
+
+
+# An item whose loss after the meta-learned steps exceeds this many times the 95th
+# percentile of the training items' is "unlike anything the checkpoint was trained on".
+# Measured with the default climate checkpoint (p95 over its 190 training fields): held-out
+# ERA5 t850/z500, COADS, T42 U300, MPI-OM and ETOPO fields 0.25-2.7×; white noise 3.7×, a
+# checkerboard 45× (and a constant field, geodesic tracer_1, 10×).
+UNFAMILIAR_FACTOR = 3.0
+
+
+def fit_losses(ck: Checkpoint, modality, signals: Sequence[Signal], codes: Tensor,
+               max_batch: int = 16, points_per_step: int | None = None,
+               seed: int = 0) -> Tensor:
+    """Each item's own objective (B,) at ``codes``: on all its samples when it has at most
+    ``points_per_step`` (default: the modality's), else on one seeded draw of that many."""
+    out = torch.empty(len(signals))
+    for idx, batch, draw in item_batches(modality, signals, points_per_step, max_batch, seed):
+        b = batch if draw is None else draw()
+        state = ck.rep.state_from_code(codes[idx].float())
+        with torch.no_grad():
+            out[idx] = item_losses(ck.rep, modality, state,
+                                   ck.rep.context(len(idx), training=False), b).float()
+    return out
+
+
+def record_experience(ck: Checkpoint, losses: Tensor) -> None:
+    """Keep the spread of the training items' losses after the meta-learned steps in the
+    codec info (``fit_loss``: median, 95th percentile, max), for :func:`unfamiliar`."""
+    v = losses[torch.isfinite(losses)].double()
+    if v.numel():
+        ck.info.setdefault("codec", {})["fit_loss"] = {
+            "p50": float(v.quantile(0.5)), "p95": float(v.quantile(0.95)),
+            "max": float(v.max()), "items": int(v.numel())}
+
+
+def unfamiliar(ck: Checkpoint, losses: Tensor) -> list[tuple[int, float]]:
+    """(index, times the training p95) of items the checkpoint has not seen the like of;
+    empty for a checkpoint without the record (fitted before it existed)."""
+    p95 = ck.info.get("codec", {}).get("fit_loss", {}).get("p95")
+    if not p95 or p95 <= 0:
+        return []
+    ratio = (losses.double() / p95).tolist()
+    return [(i, r) for i, r in enumerate(ratio) if not r <= UNFAMILIAR_FACTOR]
+
+
+def warn_unfamiliar(ck: Checkpoint, modality, signals: Sequence[Signal], codes: Tensor,
+                    points_per_step: int | None = None) -> list[int]:
+    """Warn, once per item, when an item is far outside the checkpoint's experience,
+    with the error its meta-learned fit gives (the modality's metrics). Returns the
+    indices warned about."""
+    import warnings
+
+    flagged = unfamiliar(ck, fit_losses(ck, modality, signals, codes,
+                                        points_per_step=points_per_step))
+    for i, ratio in flagged:
+        s = signals[i]
+        metrics = modality.metrics(s, predictor(ck, modality, codes[i])(s.coords))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:3]
+                          if isinstance(v, int | float))
+        warnings.warn(f"item {i + 1} of {len(signals)} is far outside this checkpoint's "
+                      f"experience: its loss after the meta-learned steps is {ratio:.3g}× "
+                      f"the 95th percentile of its training items'; expected error (before "
+                      f"quantisation): "
+                      f"{shown} (--refine-steps or a checkpoint trained on such data may "
+                      "help)", UserWarning, stacklevel=3)
+    return [i for i, _ in flagged]
+
+
+def refine_settings(ck: Checkpoint, steps: int | None = None,
+                    grow: bool | None = None) -> tuple[int, bool]:
+    """Encode-time refinement (steps, rate cap lifted) for ``None`` = the checkpoint's own:
+    the steps its codec was fitted after (0 for most), and a lifted rate cap when that is
+    not 0 (its entropy model prices refined codes, so capping at the meta-learned codes'
+    bits would keep almost none)."""
+    fitted = int(ck.info.get("codec", {}).get("refine_steps", 0))
+    steps = fitted if steps is None else steps
+    grow = bool(fitted) if grow is None else grow
+    return steps, grow
 
 
 def quantizer(ck: Checkpoint, bits: int) -> tuple[UniformQuantizer, CategoricalModel]:
@@ -383,8 +475,8 @@ _MISSING = object()
 def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
                  with_metrics: bool = True, options: Any = None,
                  points_per_step: int | None = None, max_abs_error: float | None = None,
-                 max_rel_error: float | None = None, refine_steps: int = 0,
-                 refine_lr: float | None = None, refine_grow: bool = False
+                 max_rel_error: float | None = None, refine_steps: int | None = None,
+                 refine_lr: float | None = None, refine_grow: bool | None = None
                  ) -> tuple[bytes, EncodeReport]:
     """Adapt, (optionally) refine, quantise and entropy-code items into one .mscn stream.
 
@@ -393,7 +485,8 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
     iterates may cost more bits than the meta-learned codes (no rate cap): measured on
     held-out climate fields at 6 bits, the capped refinement never moved while uncapped
     100 steps cut RMSE 12-25 % for 40-50 % more payload. The residual of a bounded
-    encoding is taken after refinement (against what the decoder sees).
+    encoding is taken after refinement (against what the decoder sees). ``None``: the
+    checkpoint's own (:func:`refine_settings`).
 
     ``max_abs_error`` (artifact units) or ``max_rel_error`` (times each item's value
     range): also code the residual so that every valid point decodes within the bound
@@ -403,6 +496,7 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
         raise ValueError(f"checkpoint is for modality {ck.modality!r}, not {modality.name!r}")
     if max_abs_error is not None and max_rel_error is not None:
         raise ValueError("give max_abs_error or max_rel_error, not both")
+    refine_steps, refine_grow = refine_settings(ck, refine_steps, refine_grow)
     check_refinable(ck.rep, refine_steps, refine_lr)
     bounded = max_abs_error is not None or max_rel_error is not None
     if bounded:
@@ -415,6 +509,7 @@ def encode_items(ck: Checkpoint, modality, items: Sequence[Any], bits: int = 6,
     n_values = [int(modality.n_values(s)) for s in signals]
     codes = adapt_codes(ck, modality, signals, points_per_step=points_per_step,
                         desc="encode: adapt")
+    warn_unfamiliar(ck, modality, signals, codes, points_per_step)
     codes = refine_codes(ck, modality, signals, codes, refine_steps, refine_lr, bits=bits,
                          rate_cap=not refine_grow, points_per_step=points_per_step,
                          desc="encode: refine")

@@ -450,6 +450,10 @@ ERA5_CKPT = ROOT / "plugins" / "checkpoints" / "era5_t850.safetensors"
     ({"clip_sigma": "3", "bit_depths": [6]}, r"at `\$\.info\.codec\.clip_sigma`"),
     ({"clip_sigma": 3.0, "bit_depths": [6, 99]}, r"at `\$\.info\.codec\.bit_depths\[1\]`"),
     ({"bit_depths": [6]}, r"missing required field `clip_sigma`"),
+    ({"clip_sigma": 3.0, "bit_depths": [6], "refine_steps": -3},
+     r"at `\$\.info\.codec\.refine_steps`"),
+    ({"clip_sigma": 3.0, "bit_depths": [6], "refine_steps": 10**9},
+     r"at `\$\.info\.codec\.refine_steps`"),
 ])
 def test_codec_info_is_validated_with_the_checkpoint(tmp_path, codec, expect):
     bad = forge(ERA5_CKPT, tmp_path / "codec.safetensors",

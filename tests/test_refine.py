@@ -202,3 +202,55 @@ def test_help_states_the_default_rate():
     sub = next(a for a in build_parser(light=True)._actions if a.dest == "command")
     text = sub.choices["encode"].format_help()
     assert f"default {P.REFINE_LR:g}" in " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def refined_codec(setup, tiny_sphere_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with its codec refitted on codes after 20 refine steps."""
+    from mscn_core.checkpoint import save_checkpoint
+
+    ck, m, *_ = setup
+    ck2 = load_checkpoint(tiny_sphere_checkpoint)
+    train = [m.to_signal(f) for f in
+             m.read(ERA5, var="t", sel=["isobaricInhPa=850", "number=0,1,2,3"])]
+    P.fit_codec(ck2, m, train, refine_steps=20)
+    path = tmp_path_factory.mktemp("codec") / "refined.safetensors"
+    save_checkpoint(ck2, path)
+    return load_checkpoint(path), path
+
+
+def test_codec_fitted_on_refined_codes(setup, refined_codec):
+    """Refined codes spread wider than the meta-learned ones: a codec fitted on them has a
+    wider clip range, records its steps, and makes them encode's default (rate cap lifted)."""
+    ck, *_ = setup
+    ck2, _ = refined_codec
+    assert ck2.info["codec"]["refine_steps"] == 20 and "refine_steps" not in ck.info["codec"]
+    q0, _ = P.quantizer(ck, 6)
+    q1, _ = P.quantizer(ck2, 6)
+    assert float(np.mean(q1.stats.std)) > float(np.mean(q0.stats.std))
+    assert P.refine_settings(ck) == (0, False)
+    assert P.refine_settings(ck2) == (20, True)
+    assert P.refine_settings(ck2, 0, None) == (0, True)
+    assert P.refine_settings(ck2, 5, False) == (5, False)
+
+
+def test_encode_defaults_to_the_codecs_refinement(setup, refined_codec, tmp_path):
+    """`encode` with no refine flags writes the same bytes as the explicit flags, the
+    stream decodes, and `--refine-steps 0` is the meta-learned codes' stream."""
+    ck2, path = refined_codec
+    _, m, fields, *_ = setup
+    explicit, _ = P.encode_items(ck2, m, fields, bits=6, refine_steps=20, refine_grow=True)
+    default, rep = P.encode_items(ck2, m, fields, bits=6)
+    assert default == explicit
+    plain, rep0 = P.encode_items(ck2, m, fields, bits=6, refine_steps=0)
+    assert plain != default and rep.metrics[0]["rmse"] < rep0.metrics[0]["rmse"]
+    enc = ok(mscn("encode", ERA5, *T500, "--checkpoint", path, "-o", tmp_path / "d.mscn"))
+    assert enc["items"] == 4
+    assert len(P.decode_stream((tmp_path / "d.mscn").read_bytes(), ck2).artifacts) == 4
+    off = ok(mscn("encode", ERA5, *T500, "--checkpoint", path, "--refine-steps", 0,
+                  "--no-refine-grow", "-o", tmp_path / "z.mscn"))
+    assert off["bytes"] != enc["bytes"] or (tmp_path / "z.mscn").read_bytes() != \
+        (tmp_path / "d.mscn").read_bytes()
+    shown = mscn("inspect", path)
+    assert "after 20 refine steps" in shown.stdout
+
