@@ -73,7 +73,7 @@ checkpoint: $(STAMP)
 # Rebuilds the default general climate checkpoint (any variable, level, date; per-field
 # scaling; a degree-7 spherical-harmonic base + 192 modulations) from
 # datasets/data/climate_general (about 20 minutes on one thread). The plain 256-modulation
-# one: python plugins/checkpoints/build_climate_general.py (plugins/checkpoints/README.md).
+# one: python plugins/checkpoints/build_climate_general.py --sh-degree -1 (checkpoints README).
 climate-checkpoint: $(STAMP)
 	$(BIN)/python plugins/checkpoints/build_climate_general.py --budget 192 --sh-degree 7
 

@@ -11,15 +11,20 @@ For every field (never in the shipped checkpoint's training set), in one run:
   Δsin(lat)·Δlon (= cos(lat) × cell spacing); on curvilinear grids cos(lat)·|Jacobian| of
   (lat, lon) over the grid indices; on unstructured grids the spherical Voronoi cell
   areas. (The test files carry no cell bounds, so the plugin has no areas of its own.)
-* **MSCN-256** (the shipped checkpoint, its 256 modulations): 3 meta-learned steps
-  unquantised; the same codes at 6 bits (what a stream holds); 3 steps + 100
-  ``refine_codes`` steps unquantised. 64 and 1024 modulations need checkpoints trained
-  at those budgets, which do not exist: no MSCN entry there.
+* **MSCN-256** (the shipped ERA5 t850 specialist, ``era5_t850.safetensors``, its 256
+  modulations): 3 meta-learned steps unquantised; the same codes at 6 bits (what a
+  stream holds); 3 steps + 100 ``refine_codes`` steps unquantised. 64 and 1024
+  modulations need checkpoints trained at those budgets: ``climate_general_b64`` /
+  ``_b1024.safetensors`` (the plain general recipe; gitignored, rebuilt with
+  ``plugins/checkpoints/build_climate_general.py --budget 64`` / ``--budget 1024``, the
+  latter 6x256 automatically) enter through ``--extra``, as does the CLI's default
+  ``climate_general_b192_sh7.safetensors`` (192 modulations + a degree-7 SH base).
 * **training mean**: the network with its initial (unadapted) modulations, the reference
   of ``mscn evaluate``'s ``skill_vs_training_mean``.
-* **general MSCN-256** (``--general``, default the shipped
-  ``climate_general.safetensors`` when present): the same four entries for the general
-  climate checkpoint (field scaling, trained on diverse fields that exclude every test set
+* **general MSCN-256** (``--general``, default the plain 256-modulation general
+  checkpoint ``climate_general.safetensors`` when present -- not the CLI's default, which
+  has 192 modulations and an SH base and goes in ``--extra``): the same four entries for
+  that checkpoint (field scaling, trained on diverse fields that exclude every test set
   here), keys prefixed ``general_``.
 * **COIN**: a small SIREN fitted from scratch per field with Adam (``mscn fit`` without
   ``--checkpoint``), see ``COIN`` for the settings.
@@ -55,6 +60,8 @@ BITS = 6
 REFINE_STEPS = 100
 COIN = {"depth": 4, "width": 64, "w0": 30.0, "steps": 300, "lr": 1e-3}
 OUT = C.RESULTS / "sphere_vs_sh.json"
+# the plain 256-modulation general checkpoint (same budget as the specialist); the CLI's
+# default, climate_general_b192_sh7, has 192 modulations + an SH base: pass it by --extra
 GENERAL = C.ROOT / "plugins" / "checkpoints" / "climate_general.safetensors"
 
 
@@ -244,10 +251,12 @@ def main() -> int:
     ap.add_argument("-o", "--output", default=None)
     ap.add_argument("--general", default=str(GENERAL) if GENERAL.exists() else None,
                     help="a second (general, field-scaling) checkpoint to compare; "
-                         "default: the shipped climate_general.safetensors if present")
+                         "default: the plain 256-modulation climate_general.safetensors "
+                         "if present (the CLI's default b192_sh7 goes in --extra)")
     ap.add_argument("--extra", action="append", default=[], metavar="CKPT",
                     help="more general checkpoints (repeatable), e.g. the 64- and 1024-"
-                         "modulation ones or one with an SH base; keys prefixed by the file "
+                         "modulation ones (build_climate_general.py --budget 64 / 1024) or "
+                         "the default with an SH base; keys prefixed by the file "
                          "stem, and a same-coefficient table: modulations + (L+1)² SH base "
                          "coefficients against SH of that many coefficients")
     args = ap.parse_args()
@@ -292,7 +301,9 @@ def main() -> int:
                        f"(unquantised; and quantised to {BITS} bits), and 3 + "
                        f"{refine_steps} refine_codes steps (lr default, unquantised)",
                "mscn_other_budgets": "64 and 1024 modulations need checkpoints meta-trained "
-                                     "at those budgets; none exist, so no MSCN entry there",
+                                     "at those budgets: climate_general_b64/_b1024 "
+                                     "(build_climate_general.py --budget 64 / --budget "
+                                     "1024), compared when given by --extra",
                "training_mean": "the checkpoint's network with its initial modulations "
                                 "(pipeline.initial_predictions)",
                "coin": {**COIN, "steps": coin_steps,

@@ -52,8 +52,10 @@ from mscn_core.atomic import write_atomic
 
 __all__ = [
     "ClimateDataError",
+    "EXPECTED_COORDS",
     "FieldLayout",
     "check_global_regular",
+    "coords_not_found",
     "field_items",
     "field_to_dataarray",
     "find_lat_lon",
@@ -239,6 +241,63 @@ def _axis_score(name: str, attrs: Mapping[str, Any], kind: str) -> int:
     return score
 
 
+EXPECTED_COORDS = (
+    "expected a latitude and a longitude coordinate variable (1-D on the field's dims, or "
+    "1-D/2-D named by the field's 'coordinates' attribute or stored as variables) with "
+    "standard_name latitude/longitude (or grid_latitude/grid_longitude), units "
+    "degrees_north/degrees_east (or radians, with lat/lon in the name), axis Y/X, or a name "
+    "like lat/latitude/nav_lat/lat2d/clat/TLAT/grid_center_lat/rlat/y and "
+    "lon/longitude/nav_lon/lon2d/clon/TLONG/grid_center_lon/rlon/x (or one starting or "
+    "ending with lat/lon)")
+
+
+def _attr_text(attrs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={str(attrs[k])!r}" if k in attrs else f"{k}=none"
+                     for k in ("standard_name", "units", "axis"))
+
+
+def coords_not_found(obj: xr.Dataset | xr.DataArray, problem: str | None = None) -> str:
+    """One line saying why no latitude/longitude was found in ``obj``: the file (where
+    known), the variables examined (with their dims and ``coordinates`` attribute), every
+    candidate coordinate variable examined with its standard_name/units/axis, the dims
+    that have no coordinate variable, and what was expected (:data:`EXPECTED_COORDS`).
+
+    Why one builder: every place that gives up on a grid (:func:`find_grid`,
+    :func:`find_lat_lon`, variable selection, the xarray accessor) says the same things."""
+    src = obj.encoding.get("source")
+    if isinstance(obj, xr.Dataset):
+        ds = promote_grid_coords(obj)
+        skip = _grid_var_names(ds)
+        fields = [v for k, v in ds.data_vars.items() if str(k) not in skip] or \
+            list(ds.data_vars.values())
+        problem = problem or "no data variable on a latitude/longitude grid"
+    else:
+        fields = [obj]
+        problem = problem or f"no latitude/longitude coordinates found for variable {obj.name!r}"
+    examined: dict[str, xr.DataArray] = {}
+    bare: list[str] = []
+    described = []
+    for v in fields:
+        dims = ", ".join(map(str, v.dims)) or "no dims"
+        named = v.encoding.get("coordinates", v.attrs.get("coordinates"))
+        described.append(f"{v.name} ({dims}" + (f"; coordinates={str(named)!r}" if named
+                                                 else "") + ")")
+        for k, c in v.coords.items():
+            if c.ndim >= 1 and set(c.dims) <= set(v.dims):
+                examined.setdefault(str(k), c)
+        bare += [str(d) for d in v.dims if d not in v.coords and str(d) not in bare]
+    cands = "; ".join(f"{k} [{', '.join(map(str, c.dims))}] ({_attr_text(c.attrs)})"
+                      + ("" if _is_numeric(c) else f" (not numeric: {c.dtype})")
+                      for k, c in examined.items()) or "none"
+    parts = [f"{src}: " if src else "", problem,
+             f"; variables examined: {', '.join(described) or 'none'}",
+             f"; coordinate variables examined: {cands}"]
+    if bare:
+        parts.append(f"; dims without a coordinate variable: {', '.join(bare)}")
+    parts.append(f"; {EXPECTED_COORDS}")
+    return " ".join("".join(parts).split())
+
+
 def find_lat_lon(obj: xr.Dataset | xr.DataArray) -> tuple[str, str]:
     """Return the (latitude, longitude) dimension names of a Dataset or DataArray.
 
@@ -262,11 +321,8 @@ def find_lat_lon(obj: xr.Dataset | xr.DataArray) -> tuple[str, str]:
     what = f"variable {obj.name!r}" if isinstance(obj, xr.DataArray) else "dataset"
     if lat is None or lon is None or lat == lon:
         missing = [k for k, (_, n) in best.items() if n is None] or ["lat/lon (ambiguous)"]
-        raise ClimateDataError(
-            f"no {' and '.join(missing)} dimension found in {what} with dims {dims}: "
-            "need CF standard_name latitude/longitude, units degrees_north/east, axis Y/X, "
-            "or a name like lat/latitude and lon/longitude"
-        )
+        raise ClimateDataError(coords_not_found(
+            obj, f"no {' and '.join(missing)} dimension found in {what} with dims {dims}"))
     return lat, lon
 
 
@@ -373,16 +429,16 @@ def find_grid(obj: xr.DataArray | xr.Dataset) -> Grid:
                 return find_grid(v)
             except ClimateDataError:
                 continue
-        raise ClimateDataError(f"no data variable on a latitude/longitude grid; variables: "
-                               f"{sorted(map(str, obj.data_vars))}")
+        raise ClimateDataError(coords_not_found(obj))
     cands = _grid_candidates(obj)
     lat, lon = _pick(cands, "lat", obj.dims), _pick(cands, "lon", obj.dims)
     what = f"variable {obj.name!r}"
     if lat is None or lon is None or lat == lon:
-        raise ClimateDataError(
-            f"no lat and lon coordinates found in {what} with dims {list(obj.dims)}: need "
-            "CF standard_name latitude/longitude, units degrees_north/east, or a name like "
-            "lat/lon, lat2d/lon2d, grid_center_lat/lon")
+        missing = [k for k, n in (("lat", lat), ("lon", lon)) if n is None] or \
+            [f"separate lat and lon ({lat!r} looks like both)"]
+        raise ClimateDataError(coords_not_found(
+            obj, f"no {' and '.join(missing)} coordinates found in {what} with dims "
+                 f"{list(obj.dims)}"))
     la, lo = obj.coords[lat], obj.coords[lon]
     radians = is_radians(la.attrs)
     if la.ndim == 1 and lo.ndim == 1:
@@ -497,8 +553,10 @@ def check_grid(field: xr.DataArray, grid: Grid | None = None) -> Grid:
     if not (np.isfinite(la).all() and np.isfinite(lo).all()):
         raise ClimateDataError(f"{what}: coordinates {grid.lat}/{grid.lon} contain NaN/inf")
     if la.size and (la.min() < -90 - 1e-6 or la.max() > 90 + 1e-6):
-        raise ClimateDataError(f"{what}: latitude {grid.lat} values {la.min():g}..{la.max():g} "
-                               "outside [-90, 90]")
+        unit = (f" degrees (units radians: {np.radians(la.min()):g}..{np.radians(la.max()):g})"
+                if grid.radians else "")
+        raise ClimateDataError(f"{what}: latitude {grid.lat} values {la.min():g}..{la.max():g}"
+                               f"{unit} outside [-90, 90]")
     if grid.kind in ("gaussian", "regional"):
         if np.unique(la).size != la.size:
             raise ClimateDataError(f"{what}: latitude {grid.lat} has duplicate values")
@@ -840,10 +898,7 @@ def _variable_names(ds: xr.Dataset, var: str | Sequence[str] | None) -> list[str
     if var is None:
         names = _gridded_variables(ds)
         if not names:
-            raise ClimateDataError(
-                f"no data variable on a latitude/longitude grid; variables: "
-                f"{sorted(map(str, ds.data_vars))}"
-            )
+            raise ClimateDataError(coords_not_found(ds))
         return names
     names = [var] if isinstance(var, str) else list(dict.fromkeys(var))
     if not names:
@@ -878,8 +933,11 @@ def _horizontal(da: xr.DataArray) -> tuple[str, ...]:
     regular path, the file's own order on any other grid."""
     try:
         grid = find_grid(da)
-    except ClimateDataError:
-        return find_lat_lon(da)
+    except ClimateDataError as err:
+        try:  # lat/lon dims named so but without coordinate values: said later, precisely
+            return find_lat_lon(da)
+        except ClimateDataError:
+            raise err from None  # the coordinate variables examined, not only the dims
     if native_regular(grid):
         return grid.dims
     return tuple(str(d) for d in da.dims if d in grid.dims)
@@ -1232,8 +1290,12 @@ def normalize_field(
 
 
 def _item_label(field: xr.DataArray) -> str:
-    scal = {str(k): v.values.item() for k, v in field.coords.items() if v.ndim == 0}
-    return f"at {scal}" if scal else ""
+    """Where a field sits: its scalar coordinates as a user would type them
+    (``at time=2017-01-01T00:00:00, isobaricInhPa=850``; dates in ISO form, not
+    nanoseconds)."""
+    scal = [f"{k}={_fmt_value(np.asarray(v.values)[()])}" for k, v in field.coords.items()
+            if v.ndim == 0]
+    return f"at {', '.join(scal)}" if scal else ""
 
 
 def restore_layout(values: np.ndarray, template_field2d: xr.DataArray) -> xr.DataArray:

@@ -703,6 +703,31 @@ def _is_time_like(name: str, coord: xr.DataArray) -> bool:
             or name.lower() in _ENSEMBLE_NAMES)
 
 
+def _netcdf_structured(path: Path) -> bool:
+    """Classic netCDF, or HDF5 with netCDF-4 structure (``_NCProperties``, dimension
+    scales) and no top-level ``voxels`` dataset (IM-NET voxel grids, even written through
+    netCDF4: the voxel plugin claims those)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(b"\x89HDF"):
+        return True
+    try:
+        import h5py
+    except ImportError:  # no h5py: no voxel plugin can claim it either
+        return True
+    try:
+        with h5py.File(path, "r") as f:
+            if isinstance(f.get("voxels"), h5py.Dataset):
+                return False
+            if "_NCProperties" in f.attrs:
+                return True
+            return any(isinstance(obj, h5py.Dataset) and (
+                "DIMENSION_LIST" in obj.attrs or obj.attrs.get("CLASS") == b"DIMENSION_SCALE")
+                for obj in f.values())
+    except Exception:  # noqa: BLE001 - unreadable as HDF5: not ours
+        return False
+
+
 OPEN_FILES = 16  # files ``load`` keeps open (metadata only; fields of a file come together)
 NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
 
@@ -717,9 +742,9 @@ class SphereModality(Modality):
     options = SphereOptions
     points_per_step = 65536  # a 0.25° global field (1M points) adapts on 64k per step
     view_names = ("globe",)
-    # fit/evaluate/encode without --checkpoint: the general checkpoint (every variable,
-    # level and grid kind of the shared files, per-field scaling; plugins/checkpoints)
-    # the general checkpoint with a degree-7 SH base (plugins/checkpoints/README.md)
+    # fit/evaluate/encode (and ds.mscn / da.mscn) without a checkpoint: the general
+    # checkpoint with a degree-7 SH base, per-field scaling (trained on 190 fields of 14
+    # shared files, no unstructured grid: plugins/checkpoints/README.md)
     default_checkpoint = "climate_general_b192_sh7.safetensors"
     # xarray/CF names every field's template repeats (bitstream preset dictionary): FROZEN
     header_words = (
@@ -753,9 +778,15 @@ class SphereModality(Modality):
 
     # -- reading ----------------------------------------------------------------------
     def guess_can_open(self, path: str | os.PathLike) -> bool:
-        """NetCDF/HDF5/zarr content with at least one variable on a lat/lon grid.
+        """NetCDF/zarr content (what :func:`climate.open_climate` reads) with at least one
+        data variable of one or more dims, even when its coordinates cannot be found or
+        are out of range: ``read`` then says precisely why, naming the file, instead of
+        the core's "no installed modality can open".
 
-        HDF5 is shared with voxel/SDF files, so the magic alone does not decide.
+        HDF5 is shared with voxel/SDF files, so the magic alone does not decide: an HDF5
+        file counts only with netCDF-4 structure (``_NCProperties`` or dimension scales)
+        and no top-level ``voxels`` dataset (IM-NET grids: the voxel plugin's), unless a
+        variable is on a lat/lon grid.
         """
         p = Path(path)
         if p.is_dir():
@@ -768,7 +799,14 @@ class SphereModality(Modality):
         except Exception:  # noqa: BLE001 - not a file this plugin reads
             return False
         try:  # lat/lon stored as data variables (geodesic, SEAM) count as coordinates
-            return any(_on_lat_lon(v) for v in climate.promote_grid_coords(ds).data_vars.values())
+            ds = climate.promote_grid_coords(ds)
+            if any(_on_lat_lon(v) for v in ds.data_vars.values()):
+                return True
+            if not any(v.ndim >= 1 for v in ds.data_vars.values()):
+                return False
+            return p.is_dir() or _netcdf_structured(p)
+        except Exception:  # noqa: BLE001 - an odd file: not claimed, as before
+            return False
         finally:
             ds.close()
 
@@ -776,7 +814,11 @@ class SphereModality(Modality):
              var: str | Sequence[str] | None = None, sel: dict | Sequence[str] | None = None
              ) -> list[xr.DataArray]:
         """2-D fields of the chosen variables (default: all on a lat/lon grid), in file
-        order; ``var``/``sel`` override ``options`` (Python API)."""
+        order; ``var``/``sel`` override ``options`` (Python API). A file whose coordinates
+        cannot be found, or whose grid the codec cannot use (latitude outside ±90, NaN
+        coordinates, duplicate points), raises :class:`climate.ClimateDataError` in one
+        line naming the file, the variables and coordinates examined and what was
+        expected."""
         opts = _options(options)
         var = var if var is not None else (opts.var or None)
         if isinstance(var, list | tuple) and len(var) == 1:
@@ -784,7 +826,17 @@ class SphereModality(Modality):
         sel = sel if sel is not None else (opts.sel or None)
         if sel is not None and not isinstance(sel, dict):
             sel = climate.parse_sel(list(sel))
-        return climate.field_items([path], var=var, sel=sel, sel_method=opts.sel_method)
+        items = climate.field_items([path], var=var, sel=sel, sel_method=opts.sel_method)
+        seen = set()
+        for f in items:  # a grid the codec cannot use (latitude 95, NaN): said now, naming
+            if f.name not in seen:  # the file; the fields of a variable share their grid
+                seen.add(f.name)
+                try:
+                    grid = climate.find_grid(f)
+                except climate.ClimateDataError:
+                    continue  # lat/lon dims without coordinate values: to_signal says so
+                climate.check_grid(f, grid)
+        return items
 
     def _selection(self, options: SphereOptions | None) -> tuple[Any, Any, str]:
         opts = _options(options)

@@ -27,7 +27,6 @@ from xarray.core import indexing
 
 MAGIC = b"MSCN"
 SUFFIX = ".mscn"
-DEFAULT_CHECKPOINT = "era5_t850.safetensors"  # shipped climate checkpoint (mscn.checkpoints)
 
 # the source's value encoding, kept so ds.to_netcdf writes like `mscn decode` (not its
 # storage layout: chunk sizes of another shape would be refused)
@@ -266,7 +265,8 @@ class MscnBackendEntrypoint(BackendEntrypoint):
 
 # -- accessors -----------------------------------------------------------------------------
 def _load_sphere(checkpoint: Any) -> tuple[Any, Any]:
-    """Checkpoint (None: the shipped ``era5_t850.safetensors``) and a ready sphere plugin."""
+    """Checkpoint (None: the sphere modality's default, :func:`default_checkpoint`) and a
+    ready sphere plugin."""
     from mscn_core.checkpoint import load_checkpoint
 
     SphereModality = _sphere().SphereModality  # noqa: N806
@@ -281,16 +281,31 @@ def _load_sphere(checkpoint: Any) -> tuple[Any, Any]:
     return ck, modality
 
 
-def default_checkpoint() -> Path:
-    """The shipped climate checkpoint, found in the catalog's folders."""
-    from mscn_core.catalog import search_dirs
+def default_checkpoint_name() -> str:
+    """The file name of the default climate checkpoint: the sphere modality's
+    ``default_checkpoint``, the one ``mscn fit/encode`` use without ``--checkpoint`` (one
+    source of truth; the general climate checkpoint with a degree-7 SH base)."""
+    return str(_sphere().SphereModality.default_checkpoint)
 
-    dirs = search_dirs()
-    for d in dirs:
-        if (d / DEFAULT_CHECKPOINT).is_file():
-            return d / DEFAULT_CHECKPOINT
-    raise FileNotFoundError(f"the default checkpoint {DEFAULT_CHECKPOINT} is in none of "
-                            f"{', '.join(map(str, dirs)) or 'no folders'}; pass checkpoint=PATH")
+
+def default_checkpoint() -> Path:
+    """The default climate checkpoint (:func:`default_checkpoint_name`), found in the
+    catalog's folders as the CLI finds it."""
+    from mscn_core.catalog import find_named
+
+    try:
+        return find_named(default_checkpoint_name())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(str(err).replace("pass --checkpoint", "pass checkpoint=PATH")
+                                ) from None
+
+
+def __getattr__(name: str) -> Any:
+    """``DEFAULT_CHECKPOINT`` (the default's file name) without importing the sphere
+    plugin at import time."""
+    if name == "DEFAULT_CHECKPOINT":
+        return default_checkpoint_name()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fit_array(ck: Any, modality: Any, da: xr.DataArray, steps: int | None,
@@ -331,7 +346,8 @@ class MscnDataArrayAccessor:
 
     def fit(self, checkpoint: str | os.PathLike | None = None, steps: int | None = None,
             bits: int | None = None, resolution: float | None = None) -> xr.DataArray:
-        """``checkpoint`` None: the shipped ``era5_t850.safetensors``; ``bits``: what a
+        """``checkpoint`` None: the sphere modality's default (the general climate
+        checkpoint, as ``mscn fit``; :func:`default_checkpoint`); ``bits``: what a
         stream at that depth would decode to; ``resolution``: degrees of a new grid."""
         ck, modality = _load_sphere(checkpoint)
         return _fit_array(ck, modality, self._da, steps, bits, resolution)
@@ -348,8 +364,9 @@ class MscnDatasetAccessor:
         names = [var] if isinstance(var, str) else list(var) if var is not None else \
             _gridded(self._ds)
         if not names:
-            raise ValueError(f"no data variable on a latitude/longitude grid; variables: "
-                             f"{sorted(map(str, self._ds.data_vars))}")
+            from mscn_datasets import climate
+
+            raise climate.ClimateDataError(climate.coords_not_found(self._ds))
         missing = [n for n in names if n not in self._ds.data_vars]
         if missing:
             raise KeyError(f"no variable {missing[0]!r}; variables: "
@@ -361,9 +378,10 @@ class MscnDatasetAccessor:
                sel: dict | Sequence[str] | None = None, overwrite: bool = False,
                grid_storage: str = "embed") -> dict:
         """Encode the fields into one stream at ``path`` (written atomically) and return
-        the report ``mscn encode`` prints. ``checkpoint`` None: the shipped default climate
-        checkpoint ``era5_t850.safetensors``, found through :mod:`mscn_core.catalog`
-        (any readers will find it by hash). ``sel``: ``{"number": [8, 9]}`` or
+        the report ``mscn encode`` prints. ``checkpoint`` None: the sphere modality's
+        default (the general climate checkpoint, as ``mscn encode``;
+        :func:`default_checkpoint`), found through :mod:`mscn_core.catalog` (any reader
+        finds it by hash). ``sel``: ``{"number": [8, 9]}`` or
         ``["number=8,9"]``, as ``--sel``. ``grid_storage="reference"``: a curvilinear or
         unstructured grid by reference, as ``--grid-storage`` (decode with ``grid_file=``)."""
         from mscn_core.atomic import save_bytes_atomic
@@ -391,7 +409,7 @@ class MscnDatasetAccessor:
     def fit(self, checkpoint: str | os.PathLike | None = None, steps: int | None = None,
             bits: int | None = None, resolution: float | None = None) -> xr.Dataset:
         """Every gridded variable as the checkpoint represents it (``checkpoint`` None:
-        the shipped ``era5_t850.safetensors``); other variables are left out."""
+        the sphere modality's default, as ``mscn fit``); other variables are left out."""
         from mscn_datasets import climate
 
         ck, modality = _load_sphere(checkpoint)

@@ -198,11 +198,12 @@ def test_accessor_encode_round_trip(stream, tmp_path):
     x, _ = stream
     src = xr.open_dataset(DATA)
     out = tmp_path / "y.mscn"
-    report = src.mscn.encode(out, var="t", sel={"isobaricInhPa": 850, "number": [8, 9]})
+    report = src.mscn.encode(out, var="t", sel={"isobaricInhPa": 850, "number": [8, 9]},
+                             checkpoint=CKPT)  # the stream fixture's checkpoint
     assert report["items"] == 8 and report["bytes"] == out.stat().st_size
     assert 0 < report["bits_per_value"] < 1 and report["mean"]["rmse"] < 3
     with pytest.raises(FileExistsError):
-        src.mscn.encode(out, var="t", sel=["isobaricInhPa=850", "number=8,9"])
+        src.mscn.encode(out, var="t", sel=["isobaricInhPa=850", "number=8,9"], checkpoint=CKPT)
     got = xr.open_dataset(out, engine="mscn")
     ref = xr.open_dataset(x, engine="mscn")
     xr.testing.assert_allclose(got.t, ref.t, atol=1e-4)
@@ -214,7 +215,7 @@ def test_several_variables_in_one_stream(tmp_path, monkeypatch):
     src = xr.open_dataset(DATA).sel(isobaricInhPa=850, number=[8], time=src_times(2))
     out, nc = tmp_path / "tz.mscn", tmp_path / "tz.nc"
     with pytest.warns(UserWarning, match="z"):
-        assert src.mscn.encode(out, var=["t", "z"])["items"] == 4
+        assert src.mscn.encode(out, var=["t", "z"], checkpoint=CKPT)["items"] == 4
     from mscn_core.cli import main
 
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
@@ -237,10 +238,30 @@ def src_times(n: int) -> slice:
 def test_accessor_fit(tmp_path):
     src = xr.open_dataset(DATA).sel(isobaricInhPa=850, number=[8, 9])
     with pytest.warns(UserWarning, match="z"):  # z is not in the t850 training set
-        fitted = src.mscn.fit(steps=3)
+        fitted = src.mscn.fit(checkpoint=CKPT, steps=3)
     assert set(fitted.data_vars) == {"t", "z"}  # every gridded variable
     rmse = float(np.sqrt(((fitted.t - src.t) ** 2).mean()))
     assert rmse < 1.5, rmse  # 0.66 K measured (t850 checkpoint, 3 inner steps)
     da = src.t.isel(time=0).mscn.fit(checkpoint=CKPT, steps=3, bits=6, resolution=6.0)
     assert da.sizes["latitude"] == 31 and da.sizes["longitude"] == 60
     assert dict(da.isel(latitude=0, longitude=0).sizes) == {"number": 2}
+
+
+def test_accessor_default_is_the_cli_default(tmp_path):
+    """Without checkpoint=, ds.mscn.encode / da.mscn.fit use the checkpoint `mscn fit` and
+    `mscn encode` use: the sphere modality's default (one source of truth), not t850."""
+    from mscn_core.checkpoint import load_checkpoint
+    from mscn_plugins.sphere import SphereModality
+
+    assert sx.default_checkpoint().name == SphereModality.default_checkpoint
+    assert sx.DEFAULT_CHECKPOINT == SphereModality.default_checkpoint != CKPT.name
+    general = load_checkpoint(sx.default_checkpoint())
+    src = xr.open_dataset(DATA).sel(isobaricInhPa=850, number=[8]).isel(time=[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # per-field scaling: no "not in the training set"
+        report = src.mscn.encode(tmp_path / "d.mscn", var=["t", "z"])
+        fitted = src.t.mscn.fit(steps=3)
+    assert report["checkpoint_sha256"] == general.sha256
+    assert bs.read_bitstream((tmp_path / "d.mscn").read_bytes()).checkpoint_hash == \
+        general.sha256
+    assert float(np.sqrt(((fitted - src.t) ** 2).mean())) < 5.0  # 2.3 K measured

@@ -1,4 +1,4 @@
-"""Rebuild the shipped general climate checkpoint: `make climate-checkpoint`.
+"""Rebuild the general climate checkpoints; no arguments: the default (make climate-checkpoint).
 
 One network for any variable, level and date: meta-trained on the diverse real fields
 vendored in datasets/data/climate_general/ (made by
@@ -11,14 +11,24 @@ sets of bench/sphere_vs_sh.py (ERA5 2017-01-01, COADS Jan-Mar, the T42 U300, MPI
 geodesic files) are never in either.
 
     python plugins/checkpoints/build_climate_general.py [--outer-steps N] [--resume]
-    python plugins/checkpoints/build_climate_general.py --budget 64    # or 1024
+    python plugins/checkpoints/build_climate_general.py --sh-degree -1   # the plain one
+    python plugins/checkpoints/build_climate_general.py --budget 64      # or 1024
 
-The shipped default has 256 modulations. ``--budget 64`` and ``--budget 1024`` build the
-same recipe at those budgets (``climate_general_b64/_b1024.safetensors``, for the 64 /
-1024 rows of bench/sphere_vs_sh.py); 1024 modulations need more than the 640 shift
-dimensions of a 6x128 network, so that one is 6x256. ``--budget 192 --sh-degree 7``:
-each field's degree-7 spherical-harmonic fit (64 coefficients) plus 192 modulations for
-what it misses -- 256 numbers per field in all (DESIGN §8's SH-base route).
+No arguments (= ``--budget 192 --sh-degree 7``, what `make climate-checkpoint` passes):
+``climate_general_b192_sh7.safetensors``, the sphere modality's ``default_checkpoint``
+(what ``mscn fit/evaluate/encode`` and ``ds.mscn`` use without a checkpoint): each
+field's degree-7 spherical-harmonic fit (64 coefficients) plus 192 modulations for what it
+misses -- 256 numbers per field in all (DESIGN §8's SH-base route).
+
+``--sh-degree -1`` (or ``--budget 256``): the plain recipe, 256 modulations and no SH
+base, ``climate_general.safetensors`` (the ``--general`` checkpoint of
+bench/sphere_vs_sh.py). ``--budget 64`` and ``--budget 1024`` build the plain recipe at
+those budgets (``climate_general_b64/_b1024.safetensors``, gitignored, for the 64 / 1024
+rows of bench/sphere_vs_sh.py through ``--extra``); 1024 modulations need more than the
+640 shift dimensions of a 6x128 network, so that one is 6x256 (chosen from the budget:
+there is no width flag). Without ``--budget`` the budget is what leaves 256 numbers per
+field beside the SH base, 256 - (L+1)²; without ``--sh-degree`` the degree is 7 when no
+``--budget`` is given, else -1 (none).
 """
 
 import argparse
@@ -29,6 +39,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "datasets" / "data" / "climate_general"
 OUTER_STEPS = 1800  # ~14 minutes on 1 thread of a shared 2-core machine (README)
+
+
+DEFAULT_SH_DEGREE = 7  # no arguments: the sphere modality's default checkpoint
+NUMBERS_PER_FIELD = 256  # modulations + SH coefficients when --budget is not given
+
+
+def recipe(budget: int | None = None, sh_degree: int | None = None) -> tuple[int, int]:
+    """(modulations, SH degree) from the command line's ``--budget``/``--sh-degree``:
+    neither: the default checkpoint (192, 7); a budget alone: the plain recipe (no SH
+    base); a degree alone: 256 numbers per field in all."""
+    if sh_degree is None:
+        sh_degree = DEFAULT_SH_DEGREE if budget is None else -1
+    if budget is None:
+        budget = NUMBERS_PER_FIELD - ((sh_degree + 1) ** 2 if sh_degree >= 0 else 0)
+    return budget, sh_degree
 
 
 def paths(budget: int, sh_degree: int = -1) -> tuple[Path, Path]:
@@ -70,17 +95,22 @@ def main() -> int:
     # spin-waits ~8x slower; on a quiet machine --threads 2 runs ~1.5x faster
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    ap.add_argument("--budget", type=int, default=256,
-                    help="modulations (default 256: the shipped default checkpoint)")
-    ap.add_argument("--sh-degree", type=int, default=-1,
+    ap.add_argument("--budget", type=int, default=None,
+                    help="modulations (default: 256 - (L+1)², i.e. 192 with the default "
+                         "SH base of degree 7: the CLI's default checkpoint)")
+    ap.add_argument("--sh-degree", type=int, default=None,
                     help="spherical-harmonic base degree L ((L+1)² coefficients per field "
-                         "besides the modulations; -1: none, the shipped default)")
+                         "besides the modulations; -1: none, the plain recipe; default 7 "
+                         "without --budget, else -1)")
     a = ap.parse_args()
-    cmd = args_for(a.outer_steps, a.threads, a.budget, a.sh_degree)
+    budget, sh_degree = recipe(a.budget, a.sh_degree)
+    cmd = args_for(a.outer_steps, a.threads, budget, sh_degree)
+    print(f"building {paths(budget, sh_degree)[0].name} ({budget} modulations, SH base "
+          f"degree {sh_degree})", file=sys.stderr)
     if a.resume:
         cmd.append("--resume")
     else:
-        paths(a.budget, a.sh_degree)[1].unlink(missing_ok=True)
+        paths(budget, sh_degree)[1].unlink(missing_ok=True)
     return subprocess.call([sys.executable, "-m", "mscn_core.cli", *cmd])
 
 
