@@ -54,11 +54,12 @@ demo: $(STAMP)
 	$(BIN)/mscn encode $(CURVI) --grid-storage reference -o $(OUT)/tos.mscn --overwrite
 	$(BIN)/mscn decode $(OUT)/tos.mscn --grid-file $(CURVI) -o $(OUT)/tos_decoded.nc --overwrite
 	$(BIN)/mscn view globe $(CURVI) $(OUT)/tos_decoded.nc -o $(OUT)/tos_globe.png --overwrite
+	# the sdf checkpoint refines 300 steps after its 3 meta-learned ones (its codec's default)
 	$(BIN)/mscn fit $(MESH) --checkpoint $(SDF) -o $(OUT)/bunny_sdf.obj --overwrite
 	$(BIN)/mscn encode $(MESH) --modality sdf --checkpoint $(SDF) -o $(OUT)/bunny.mscn --overwrite
 	$(BIN)/mscn decode $(OUT)/bunny.mscn --checkpoint $(SDF) -o $(OUT)/bunny_decoded.glb --overwrite
 	$(BIN)/mscn view mesh $(MESH) $(OUT)/bunny_decoded.glb -o $(OUT)/bunny_sdf.png --overwrite
-	$(BIN)/mscn fit $(MESH) --modality voxel --checkpoint $(VOX) -o $(OUT)/bunny_voxels.binvox --overwrite
+	$(BIN)/mscn fit $(MESH) --modality voxel --checkpoint $(VOX) --refine-steps 300 --points-per-step 16384 -o $(OUT)/bunny_voxels.binvox --overwrite
 	$(BIN)/mscn view voxels $(MESH) $(OUT)/bunny_voxels.binvox -o $(OUT)/bunny_voxels.png --overwrite
 	$(BIN)/mscn fit $(SCENE) --checkpoint $(NERF) --orbit-views 24 -o $(OUT)/jeep1_views --overwrite
 	$(BIN)/mscn view $(SCENE) $(OUT)/jeep1_views -o $(OUT)/jeep1_views.png --gif $(OUT)/jeep1_orbit.gif --overwrite

@@ -4,7 +4,9 @@ One run, on the "test" meshes of datasets/data/meshes/split.json (bunny00, cow, 
 pinion, knot1; never seen in meta-training or validation):
 
 * **MSCN** with the shipped SDF checkpoint (plugins/checkpoints/shapes_sdf.safetensors):
-  one ``.mscn`` file per mesh, ``encode_items`` at every bit depth in ``--bits``, then
+  one ``.mscn`` file per mesh, ``encode_items`` at every bit depth in ``--bits`` (with the
+  checkpoint's default encode-time refinement: 3 meta-learned steps then 300 refine steps,
+  its codec fitted on such codes; JSON ``encode_refine_steps_and_grow``), then
   ``decode_stream`` of *those bytes* (the registry's sdf plugin, marching cubes at
   ``--resolution``³ over the padded box [-0.55, 0.55]³ of the unit frame). Bytes: the
   whole file (magic, zlib header with the checkpoint hash and the item's frame, payload,
@@ -408,6 +410,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     import DracoPy
 
+    from mscn_core import pipeline as P
     from mscn_core.checkpoint import load_checkpoint
     from mscn_core.registry import get_modality
     from mscn_datasets.meshes import load_mesh, load_split, read_shapes, vendored_mesh
@@ -457,6 +460,7 @@ def main(argv=None) -> int:
                        "siren": f"{sc.depth}×{sc.width}, w0 {sc.w0}",
                        "method": ck.rep.cfg.method, "code_size": ck.rep.code_size(),
                        "inner_steps": ck.rep.cfg.inner_steps,
+                       "encode_refine_steps_and_grow": list(P.refine_settings(ck)),
                        "train": ck.info.get("train", {})},
         "draco": f"DracoPy {getattr(DracoPy, '__version__', '2.2')} on the original mesh "
                  "(file coordinates, load_mesh), positions only",

@@ -159,6 +159,28 @@ def test_sdf_encode_decode_matches_fit_at_the_same_bits(sdf_ckpt, tmp_path):
     assert np.abs(a.vertices - b.vertices).max() < 1e-4 * b.extents.max()
 
 
+def test_shipped_sdf_checkpoint_codes_a_held_out_mesh_in_a_few_hundred_bytes(tmp_path):
+    """The shipped checkpoint's codec is fitted on refined codes, and encode refines by
+    default: the never-seen bunny through a 6-bit stream of under 400 bytes decodes to a
+    mesh within Chamfer-L1 0.012 of the truth (3 meta-learned steps alone: ~0.07)."""
+    from mscn_core.checkpoint import load_checkpoint
+    from mscn_core.pipeline import refine_settings
+
+    shipped = Path(__file__).resolve().parents[1] / "plugins/checkpoints/shapes_sdf.safetensors"
+    assert refine_settings(load_checkpoint(shipped)) == (300, True)
+    stream = tmp_path / "bunny.mscn"
+    enc = _ok(_mscn("encode", BUNNY, "--modality", "sdf", "--checkpoint", shipped,
+                    "--bits", "6", "-o", stream))
+    assert stream.stat().st_size == enc["bytes"] < 400
+    assert enc["mean"]["chamfer_l1"] < 0.012, enc["mean"]
+    _ok(_mscn("decode", stream, "--checkpoint", shipped, "--resolution", "96",
+              "-o", tmp_path / "dec.ply"))
+    truth_unit, frame = meshes.normalise(meshes.load_mesh(BUNNY))
+    recon = trimesh.load(tmp_path / "dec.ply", force="mesh")
+    recon.vertices = frame.to_unit(recon.vertices)  # written in the file's own frame
+    assert mesh_metrics(recon, truth_unit, n_points=20000)["chamfer_l1"] < 0.012
+
+
 def test_sdf_fit_from_scratch_without_a_checkpoint(tmp_path):
     """COIN-style: a fresh small SIREN per item, Adam; a sphere is easy for it."""
     out = tmp_path / "scratch.glb"
