@@ -173,6 +173,30 @@ def test_vendored_scenes_follow_the_srn_rig():
     assert (up > 0).all()  # upper hemisphere
 
 
+def test_one_view_at_the_issues_128_px_follows_the_srn_rig():
+    """render_srn at its default 128×128 (the issue's size) of a small vendored mesh:
+    SRN Cars' focal 131.25 px at 128 (principal point at the centre), white background,
+    the object in the middle."""
+    mesh = VENDORED.parent / "meshes" / "eight.ply"
+    s = render_srn.RenderSettings(split="test", views=1, ss=1, depth=True)
+    assert s.size == 128
+    scene = render_srn.render_scene(mesh, s)
+    assert scene.images.shape == (1, 128, 128, 3) and scene.view_ids == [0]
+    k = scene.intrinsics
+    assert (k.fx, k.fy, k.cx, k.cy, k.height, k.width) == (131.25, 131.25, 64, 64, 128, 128)
+    img = scene.images[0]
+    corners = img[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == 1.0).all()  # white background, nothing hit at the corners
+    assert (img[60:68, 60:68] < 0.95).any(-1).any()  # the object covers the centre
+    fg = (img < 0.98).any(-1)
+    assert 0.02 < fg.mean() < 0.8 and np.isfinite(scene.depths[0][fg]).any()
+    # the bounding sphere (radius 0.5 at distance 1.3) projects inside the frame
+    half = 131.25 * math.tan(math.asin(0.5 / 1.3))
+    rows, cols = np.nonzero(fg)
+    assert rows.min() >= 64 - half - 1 and rows.max() <= 64 + half + 1
+    assert cols.min() >= 64 - half - 1 and cols.max() <= 64 + half + 1
+
+
 def test_textures_are_sampled_at_the_hit_uv(tmp_path):
     """A textured quad facing the camera: left half red, right half blue in the texture."""
     tex = np.zeros((4, 4, 3), np.uint8)
@@ -244,6 +268,35 @@ def test_bad_transforms_json_is_refused_naming_it(tmp_path):
         {"file_path": "missing.png", "transform_matrix": np.eye(4).tolist()}]}))
     with pytest.raises(SceneDataError, match="missing.png not found"):
         scenes.read_transforms(p)
+
+
+def _one_view_transforms(tmp_path: Path, meta: dict, matrix: np.ndarray) -> Path:
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "r_0.png")
+    p = tmp_path / "transforms.json"
+    p.write_text(json.dumps({**meta, "frames": [
+        {"file_path": "r_0.png", "transform_matrix": np.asarray(matrix).tolist()}]}))
+    return p
+
+
+@pytest.mark.parametrize("meta,matrix,message", [
+    ({}, np.eye(4), "no camera: needs camera_angle_x or fl_x"),
+    ({"camera_angle_y": 0.7, "w": 8, "h": 8}, np.eye(4), "no camera"),
+    ({"camera_angle_x": 0.7}, 2 * np.eye(4), "frame 0 (r_0.png): not a rigid transform"),
+    ({"fl_x": 10.0}, np.diag([1.0, 1, -1, 1]), "frame 0 (r_0.png): not a rigid transform"),
+    ({"camera_angle_x": 0.7}, np.vstack([np.eye(4)[:3], [0, 0, 1, 1]]), "not a rigid"),
+])
+def test_transforms_json_without_a_camera_or_with_a_non_rigid_pose_is_refused(
+        tmp_path, meta, matrix, message):
+    """No camera_angle_x / fl_x, or a scaled, mirrored or projective transform_matrix:
+    one line naming the file (and the frame), never a scene with wrong rays."""
+    p = _one_view_transforms(tmp_path, meta, matrix)
+    with pytest.raises(SceneDataError) as err:
+        scenes.read_transforms(p)
+    text = str(err.value)
+    assert text.startswith(f"{p}: ") and message in text and "\n" not in text
+    # read through the folder (what the CLI does): the same refusal
+    with pytest.raises(SceneDataError, match="transforms.json"):
+        scenes.read_scenes(tmp_path)
 
 
 def test_the_cli_reports_a_bad_scene_in_one_line_before_any_work(tmp_path):

@@ -20,7 +20,8 @@ import numpy as np
 from mscn_core.atomic import check_output, write_atomic
 from mscn_datasets.scenes import Scene
 
-__all__ = ["depth_image", "orbit_frames", "psnr", "view_scene", "write_gif"]
+__all__ = ["depth_image", "orbit_frames", "orbit_indices", "psnr", "view_scene",
+           "write_gif"]
 
 MAX_ROWS = 6  # scored views shown (the first ones)
 ORBIT_COLUMNS = 8
@@ -51,6 +52,25 @@ def _depth_range(scene: Scene) -> tuple[float, float]:
           ([scene.depths] if scene.depths is not None else [])]
     vals = np.concatenate([d.ravel() for d in ds]) if ds else np.zeros(0)
     return (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+
+
+def orbit_indices(n: int, columns: int = ORBIT_COLUMNS) -> list[int]:
+    """Which of ``n`` orbit views (view k at 360·k/n degrees) one row of at most
+    ``columns`` shows: all when they fit; else every (n/m)-th view for the largest
+    divisor m of n with columns/2 ≤ m ≤ columns (exactly even steps: 12 views → 6, every
+    60°); else ``columns`` views at the nearest of evenly spaced angles."""
+    if n <= columns:
+        return list(range(n))
+    for m in range(columns, (columns + 1) // 2 - 1, -1):
+        if n % m == 0:
+            return list(range(0, n, n // m))
+    return sorted(set(np.linspace(0, n, columns, endpoint=False).round().astype(int)
+                      .tolist()))
+
+
+def _degrees(a: float) -> str:
+    """An orbit angle for a title: whole degrees exactly, else one decimal."""
+    return f"{a:.1f}".removesuffix(".0")
 
 
 def orbit_frames(recon: Scene, min_side: int = 128) -> list[np.ndarray]:
@@ -104,7 +124,7 @@ def view_scene(truth: Scene, recon: Scene, path: str | os.PathLike, overwrite: b
     heldout = bool(info.get("heldout", False))
     lo, hi = _depth_range(recon)
     orbit = recon.orbit if recon.orbit is not None and len(recon.orbit) else None
-    n_orbit = min(len(orbit), ORBIT_COLUMNS) if orbit is not None else 0
+    n_orbit = len(orbit_indices(len(orbit), ORBIT_COLUMNS)) if orbit is not None else 0
     ncols = max(3, min(ORBIT_COLUMNS, max(n_orbit, 6)))
     rows: list[tuple[str, list[tuple[np.ndarray, str]]]] = []
     if context:
@@ -132,9 +152,8 @@ def view_scene(truth: Scene, recon: Scene, path: str | os.PathLike, overwrite: b
         rows.append(("scored", [(recon.images[k], f"view {v} (no truth)")
                                 for k, v in enumerate(recon.view_ids[:ncols])]))
     if orbit is not None:
-        step = len(orbit) / n_orbit
-        ks = [int(k * step) for k in range(n_orbit)]
-        rows.append(("orbit", [(orbit.images[k], f"orbit {360 * k / len(orbit):.0f}°")
+        ks = orbit_indices(len(orbit), ORBIT_COLUMNS)
+        rows.append(("orbit", [(orbit.images[k], f"orbit {_degrees(360 * k / len(orbit))}°")
                                for k in ks]))
         if orbit.depths is not None:
             rows.append(("orbit", [(depth_image(orbit.depths[k], lo, hi), "depth")
