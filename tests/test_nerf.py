@@ -329,3 +329,18 @@ def test_scored_poses_travel_as_camera_centres_and_decode_to_the_same_poses():
     flat = encode_poses(rolled, orbit["target"], orbit["up"])
     assert len(flat) == 4 * 12
     assert np.abs(decode_poses(flat, 4, orbit["target"], orbit["up"]) - rolled).max() < 1e-7
+
+
+@pytest.mark.parametrize("n, expect", [
+    (6, [0, 1, 2, 3, 4, 5]),                       # fits in the row
+    (12, [0, 2, 4, 6, 8, 10]),                     # every 60°
+    (24, [0, 3, 6, 9, 12, 15, 18, 21]),            # every 45°
+    (11, [0, 1, 3, 4, 6, 7, 8, 10]),               # no divisor: nearest of even angles
+])
+def test_orbit_row_shows_evenly_spaced_views(n, expect):
+    from mscn_viewers.nerf_views import orbit_indices
+
+    got = orbit_indices(n, 8)
+    assert got == expect
+    steps = np.diff(got + [got[0] + n])
+    assert steps.max() - steps.min() <= 1  # never a gap twice another
