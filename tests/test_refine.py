@@ -254,3 +254,23 @@ def test_encode_defaults_to_the_codecs_refinement(setup, refined_codec, tmp_path
     shown = mscn("inspect", path)
     assert "after 20 refine steps" in shown.stdout
 
+
+
+def test_meta_train_fits_the_codec_on_refined_codes(tmp_path):
+    """`meta-train --codec-refine-steps N` (a tiny real run): the checkpoint says N, inspect
+    shows it, and encode with no refine flag refines N steps (same bytes as explicit)."""
+    out = tmp_path / "r.safetensors"
+    ok(mscn("meta-train", "--data", ERA5, "--modality", "sphere", "--var", "t", "--sel",
+            "isobaricInhPa=850", "--sel", "number=0,1,2,3", "--depth", "3", "--width", "16",
+            "--budget", "8", "--outer-steps", "4", "--batch-size", "4", "--points-per-item",
+            "128", "--val-every", "2", "--val-points", "256", "--progress", "false",
+            "--codec-refine-steps", "4", "-o", out))
+    ck = load_checkpoint(out)
+    assert ck.info["codec"]["refine_steps"] == 4
+    assert ck.info["codec"]["fit_loss"]["items"] == ck.info["n_train"]
+    assert "after 4 refine steps" in mscn("inspect", out).stdout
+    default = ok(mscn("encode", ERA5, *T500, "--checkpoint", out, "-o", tmp_path / "d.mscn"))
+    explicit = ok(mscn("encode", ERA5, *T500, "--checkpoint", out, "--refine-steps", 4,
+                       "--refine-grow", "-o", tmp_path / "e.mscn"))
+    assert default["bytes"] == explicit["bytes"]
+    assert (tmp_path / "d.mscn").read_bytes() == (tmp_path / "e.mscn").read_bytes()
