@@ -292,10 +292,9 @@ def fit_codec(ck: Checkpoint, modality, train_signals: Sequence[Signal],
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"codec batch size must be an integer >= 1, got {batch!r}")
     check_refinable(ck.rep, refine_steps)
-    codes = adapt_codes(ck, modality, train_signals, max_batch=batch)
-    experience = fit_losses(ck, modality, train_signals, codes, max_batch=batch)
-    codes = refine_codes(ck, modality, train_signals, codes, refine_steps, max_batch=batch,
-                         desc="codec: refine").double().numpy()
+    meta_learned = adapt_codes(ck, modality, train_signals, max_batch=batch)
+    codes = refine_codes(ck, modality, train_signals, meta_learned, refine_steps,
+                         max_batch=batch, desc="codec: refine").double().numpy()
     stats = fit_stats(codes)
     arrays = {f"quant.{k}": torch.from_numpy(v) for k, v in stats.to_arrays().items()}
     for b in bit_depths:
@@ -308,7 +307,7 @@ def fit_codec(ck: Checkpoint, modality, train_signals: Sequence[Signal],
                         "fitted_on_items": len(train_signals)}
     if refine_steps:
         ck.info["codec"]["refine_steps"] = refine_steps
-    record_experience(ck, experience)
+    record_experience(ck, modality, train_signals, meta_learned, max_batch=batch)
 
 
 # An item whose loss after the meta-learned steps exceeds this many times the 95th
@@ -334,9 +333,11 @@ def fit_losses(ck: Checkpoint, modality, signals: Sequence[Signal], codes: Tenso
     return out
 
 
-def record_experience(ck: Checkpoint, losses: Tensor) -> None:
-    """Keep the spread of the training items' losses after the meta-learned steps in the
-    codec info (``fit_loss``: median, 95th percentile, max), for :func:`unfamiliar`."""
+def record_experience(ck: Checkpoint, modality, train_signals: Sequence[Signal],
+                      codes: Tensor, max_batch: int = 16) -> None:
+    """Keep the spread of the training items' losses at their meta-learned ``codes`` in
+    the codec info (``fit_loss``: median, 95th percentile, max), for :func:`unfamiliar`."""
+    losses = fit_losses(ck, modality, train_signals, codes, max_batch=max_batch)
     v = losses[torch.isfinite(losses)].double()
     if v.numel():
         ck.info.setdefault("codec", {})["fit_loss"] = {
@@ -348,7 +349,7 @@ def unfamiliar(ck: Checkpoint, losses: Tensor) -> list[tuple[int, float]]:
     """(index, times the training p95) of items the checkpoint has not seen the like of;
     empty for a checkpoint without the record (fitted before it existed)."""
     p95 = ck.info.get("codec", {}).get("fit_loss", {}).get("p95")
-    if not p95 or p95 <= 0:
+    if not p95:  # absent, or 0 (the schema refuses negatives)
         return []
     ratio = (losses.double() / p95).tolist()
     return [(i, r) for i, r in enumerate(ratio) if not r <= UNFAMILIAR_FACTOR]

@@ -51,6 +51,13 @@ LOGIT_SCALE = 10.0  # raw output 0.5 ± 0.3 ↔ probability 0.05…0.95
 MAX_SHIFT = 0.4  # most the decision level moves from a raw output of ½ (see occupied_level)
 
 
+def _probability(raw: Tensor) -> np.ndarray:
+    """Occupancy probability of the network's raw outputs (the loss's logits)."""
+    import torch
+
+    return torch.sigmoid(LOGIT_SCALE * (raw.double() - 0.5)).numpy()
+
+
 def occupied_level(meta: dict, balance: float) -> float:
     """The probability above which a voxel is occupied: ½ corrected from the balanced
     training prior ``balance`` to the item's occupied fraction ``meta["occupied"]`` (½
@@ -330,9 +337,7 @@ class VoxelModality(Modality):
         """Voxel accuracy (the paper's) and IoU (telling on mostly-empty grids)."""
         from mscn_datasets import shape_metrics
 
-        level = occupied_level(signal.meta, self.balance)
-        logit = LOGIT_SCALE * (pred.detach().reshape(-1).double().numpy() - 0.5)
-        p = logit > np.log(level / (1 - level))
+        p = _probability(pred.detach().reshape(-1)) > occupied_level(signal.meta, self.balance)
         t = signal.targets.reshape(-1).numpy() > 0.5
         return {"accuracy": shape_metrics.voxel_accuracy(p, t),
                 "iou": shape_metrics.volumetric_iou(p, t),
@@ -373,8 +378,7 @@ class VoxelModality(Modality):
         if r < 2:
             raise ValueError(f"output resolution must be >= 2, got {r}")
         pts = torch.from_numpy(NET_SCALE * meshes.grid_points(r, 0.5, centres=True))
-        prob = torch.sigmoid(LOGIT_SCALE * (predict(pts).reshape(r, r, r) - 0.5))
-        prob = prob.double().numpy()
+        prob = _probability(predict(pts).reshape(r, r, r))
         level = occupied_level(meta, self.balance)
         if not (prob > level).any():  # the item had occupied voxels: never decode none
             level = min(level, 0.5)

@@ -43,8 +43,8 @@ def main(argv: list[str]) -> int:
         signals = [m.to_signal(i) for f in files for i in m.read(f)]
     batch = getattr(m, "codec_batch_size", None) or P.CODEC_BATCH
     if args.experience_only:
-        codes = P.adapt_codes(ck, m, signals, max_batch=batch)
-        P.record_experience(ck, P.fit_losses(ck, m, signals, codes, max_batch=batch))
+        P.record_experience(ck, m, signals, P.adapt_codes(ck, m, signals, max_batch=batch),
+                            max_batch=batch)
     else:
         P.fit_codec(ck, m, signals, refine_steps=args.refine_steps)
     save_checkpoint(ck, args.checkpoint, overwrite=True)
